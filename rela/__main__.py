@@ -1,0 +1,5 @@
+import sys
+
+from rela.cli import main
+
+sys.exit(main())

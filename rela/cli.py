@@ -1,0 +1,131 @@
+"""Command line: ``rela train``, ``rela eval``, ``rela demo``.
+
+User errors (bad names, missing files, values out of range) print one line and
+exit with code 2; nothing is written before the inputs have been checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from rela.config import TrainConfig
+from rela.errors import RelaError
+
+# CLI flag -> (config field, type, help). Flags left out keep the config file's or the default value.
+TRAIN_FLAGS = {
+    "--dataset": (str, "fashion-mnist | cifar10 | cifar100 | imagefolder:PATH | synthetic"),
+    "--data-root": (str, "folder holding the dataset files (default: $RELA_DATA, then system paths)"),
+    "--train-limit": (int, "use only the first N training images"),
+    "--test-limit": (int, "use only the first N test images"),
+    "--image-size": (int, "imagefolder: side length images are resized to"),
+    "--backbone": (str, "learner: convnet | resnet-narrow | resnet18 | torchvision:NAME | timm:NAME"),
+    "--method": (str, "base method: byol"),
+    "--prior": (str, "none | random | random:ARCH | checkpoint:PATH | torchvision:NAME | timm:NAME"),
+    "--prior-weights": (str, "local state_dict file for a torchvision/timm prior (offline use)"),
+    "--prior-seed": (int, "seed of a random prior (default: --seed + 1)"),
+    "--switch": (str, "adaptive | adaptive:THRESHOLD | constant:FRACTION | never"),
+    "--bank": (str, "explicit bank file (default: content-keyed file in --cache-dir)"),
+    "--cache-dir": (str, "folder for cached representation banks"),
+    "--ratio": (float, "fraction of the data drawn afresh every epoch, in (0, 1]"),
+    "--epochs": (int, "number of epochs (each over ratio * N images)"),
+    "--batch-size": (int, "images per optimizer step"),
+    "--lr": (float, "peak AdamW learning rate (cosine schedule over the run's steps)"),
+    "--weight-decay": (float, "AdamW weight decay"),
+    "--warmup": (float, "fraction of steps for linear LR warm-up"),
+    "--seed": (int, "seed for everything (CPU runs repeat exactly)"),
+    "--out": (str, "output folder"),
+    "--accelerator": (str, "auto | cpu | gpu"),
+    "--devices": (int, "number of devices (processes) to train on"),
+    "--precision": (str, "auto | 32-true | 16-mixed | bf16-mixed (auto: bf16 on CUDA, fp32 on CPU)"),
+    "--probe-every": (int, "epochs between k-NN probes for the cost curve (0: off)"),
+}
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
+    for flag, (kind, help_text) in TRAIN_FLAGS.items():
+        p.add_argument(flag, type=kind, default=None, help=help_text)
+    p.add_argument("--download", action="store_true", default=None, help="allow torchvision to download CIFAR")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoints/last.ckpt")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return dataclasses.replace(cfg, **overrides)
+
+
+def _cmd_train(args) -> int:
+    from rela.train import train
+
+    cfg = config_from_args(args)
+    metrics = train(cfg)
+    if metrics:
+        print(f"trained {cfg.method} (prior {cfg.prior}): {metrics['steps']} steps, "
+              f"{metrics['images_seen']} images, {metrics['train_seconds']:.1f} s training, "
+              f"switch step {metrics['switch_step']}; outputs in {cfg.out}/")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from rela.evaluate import evaluate_run
+
+    m = evaluate_run(args.run, ks=tuple(args.k), linear_epochs=args.linear_epochs, data_root=args.data_root,
+                     progress=args.progress)
+    print(json.dumps({k: m[k] for k in sorted(m) if k.endswith("top1")}, indent=2))
+    print(f"results added to {args.run}/metrics.json")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from rela.demo import run_demo
+
+    run_demo(out=args.out, epochs=args.epochs, ratio=args.ratio, seed=args.seed, data_root=args.data_root,
+             train_limit=args.train_limit, progress=args.progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rela", description="ReLA: the Representation Learning Accelerator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a learner, with or without a ReLA prior")
+    _add_train_flags(p)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("eval", help="k-NN and linear probe of a trained run on the test split")
+    p.add_argument("run", help="output folder of 'rela train'")
+    p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="k values of the k-NN classifier")
+    p.add_argument("--linear-epochs", type=int, default=50)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("demo", help="BYOL vs ReLA+BYOL at the same reduced budget on Fashion-MNIST")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RelaError as e:
+        print(f"rela: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rela: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Run configuration: one dataclass, loadable from YAML, checked before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from rela.errors import RelaError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    download: bool = False
+    train_limit: int | None = None  # use only the first N training images
+    test_limit: int | None = None
+    image_size: int | None = None  # imagefolder: side the images are resized to (default 64)
+    # learner and method
+    backbone: str = "convnet"
+    method: str = "byol"
+    # ReLA
+    prior: str = "none"
+    prior_weights: str | None = None
+    prior_seed: int | None = None  # default: seed + 1, so a random prior differs from the learner's init
+    switch: str = "adaptive"
+    bank: str | None = None  # explicit bank file; default: a content-keyed file under cache_dir
+    cache_dir: str = ".cache/rela"
+    # budget and optimisation
+    ratio: float = 1.0
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: float = 0.02  # fraction of all steps
+    # run
+    seed: int = 0
+    out: str = "runs/rela"
+    resume: bool = False
+    accelerator: str = "auto"
+    devices: int = 1
+    precision: str = "auto"
+    probe_every: int = 1  # epochs between k-NN probes for the cost curve; 0 disables
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # method options (e.g. hidden_dim)
+
+    def validate(self) -> "TrainConfig":
+        from rela.methods import METHODS
+        from rela.priors import PRIOR_CHOICES
+
+        if not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
+            raise RelaError(f"ratio must be in (0, 1], got {self.ratio!r}")
+        for name in ("epochs", "batch_size", "devices"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise RelaError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("train_limit", "test_limit", "image_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise RelaError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1:
+            raise RelaError(f"need lr > 0, weight_decay >= 0, 0 <= warmup < 1; got "
+                            f"lr={self.lr}, weight_decay={self.weight_decay}, warmup={self.warmup}")
+        if self.method not in METHODS:
+            raise RelaError(f"unknown method {self.method!r}; valid choices: {', '.join(sorted(METHODS))}")
+        kind = self.prior.partition(":")[0]
+        if kind not in {c.partition(":")[0] for c in PRIOR_CHOICES}:
+            raise RelaError(f"unknown prior {self.prior!r}; valid choices: {', '.join(PRIOR_CHOICES)}")
+        if self.precision not in ("auto", "32-true", "32", "16-mixed", "bf16-mixed"):
+            raise RelaError(f"unknown precision {self.precision!r}; valid choices: auto, 32-true, 16-mixed, bf16-mixed")
+        return self
+
+    @property
+    def uses_rela(self) -> bool:
+        return self.prior != "none"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown_keys = sorted(set(data) - set(known))
+        if unknown_keys:
+            raise RelaError(f"{source}: unknown field(s) {', '.join(unknown_keys)}; "
+                            f"valid fields: {', '.join(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise RelaError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise RelaError(f"config file {path} is not valid YAML: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise RelaError(f"config file {path} must hold a mapping of field: value")
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,163 @@
+"""Augmentation of whole uint8 batches on the training device, per-sample random.
+
+torchvision's v2 transforms draw one set of parameters per call, so random
+crops of a batch would all be the same crop; applying them image by image in
+worker processes is what makes small-image SSL data-bound on a CPU. Here each
+view is one ``affine_grid``/``grid_sample`` (random resized crop + flip, with
+parameters drawn per sample) followed by per-sample colour operations, all as
+tensor arithmetic on whatever device holds the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ViewAugment:
+    """Parameters of one augmented view (the torchvision/lightly meaning)."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    solarize_p: float = 0.0
+
+    def __call__(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """uint8 or [0, 1] float N x C x H x W -> float N x C x size x size in [0, 1]."""
+        x = to_float(images)
+        x = random_resized_crop(x, size or x.shape[-1], self.crop_scale, self.crop_ratio, self.flip_p)
+        x = color_jitter(x, *self.jitter, p=self.jitter_p)
+        x = random_grayscale(x, self.gray_p)
+        x = random_solarize(x, self.solarize_p)
+        return x
+
+
+# The ReLA phase (spec step 4): milder crops, strong colour jitter.
+RELA_VIEW = ViewAugment(crop_scale=(0.5, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2)
+# BYOL's two asymmetric views (Grill et al.), without Gaussian blur: on 28-32 px images
+# the authors drop it too.
+BYOL_VIEW_1 = ViewAugment(solarize_p=0.0)
+BYOL_VIEW_2 = ViewAugment(solarize_p=0.2)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
+def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
+    return torch.rand(n, device=device) * (high - low) + low
+
+
+def random_resized_crop(x, size, scale, ratio, flip_p=0.0) -> torch.Tensor:
+    """Per-sample RandomResizedCrop (+ horizontal flip) as one batched resampling."""
+    n, device = x.shape[0], x.device
+    area = _uniform(n, *scale, device)
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), device)
+    aspect = torch.exp(log_r)
+    # Width and height as fractions of the image side; torchvision retries draws that do
+    # not fit, we clamp them, which only matters at the edges of the ranges.
+    w = torch.sqrt(area * aspect).clamp(max=1.0)
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(n, device=device) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, device=device) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, device=device) < flip_p, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def _blend(a, b, factor):  # factor * a + (1 - factor) * b, per sample
+    return (b + factor[:, None, None, None] * (a - b)).clamp_(0, 1)
+
+
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _hue_shift(x, shift):
+    """Rotate the chroma plane of YIQ by ``shift`` turns: a linear map, so batchable."""
+    yiq = _RGB_TO_YIQ.to(x.device)
+    angle = shift * 2 * math.pi
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.zeros(x.shape[0], 3, 3, device=x.device)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    m = torch.linalg.inv(yiq) @ rot @ yiq  # N x 3 x 3
+    return torch.einsum("nij,njhw->nihw", m, x).clamp_(0, 1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue, p=1.0) -> torch.Tensor:
+    """Per-sample colour jitter applied with probability ``p`` (fixed order b, c, s, h)."""
+    n, device = x.shape[0], x.device
+    y = x
+    if brightness:
+        y = (y * _uniform(n, max(0, 1 - brightness), 1 + brightness, device)[:, None, None, None]).clamp_(0, 1)
+    if contrast:
+        mean = grayscale(y).mean(dim=(1, 2, 3), keepdim=True)
+        y = _blend(y, mean.expand_as(y), _uniform(n, max(0, 1 - contrast), 1 + contrast, device))
+    if x.shape[1] == 3:
+        if saturation:
+            y = _blend(y, grayscale(y).expand_as(y), _uniform(n, max(0, 1 - saturation), 1 + saturation, device))
+        if hue:
+            y = _hue_shift(y, _uniform(n, -hue, hue, device))
+    keep = (torch.rand(n, device=device) >= p)[:, None, None, None]
+    return torch.where(keep, x, y)
+
+
+def random_grayscale(x: torch.Tensor, p: float) -> torch.Tensor:
+    if x.shape[1] == 1 or p <= 0:
+        return x
+    mask = (torch.rand(x.shape[0], device=x.device) < p)[:, None, None, None]
+    return torch.where(mask, grayscale(x).expand_as(x), x)
+
+
+def random_solarize(x: torch.Tensor, p: float, threshold: float = 0.5) -> torch.Tensor:
+    if p <= 0:
+        return x
+    mask = (torch.rand(x.shape[0], device=x.device) < p)[:, None, None, None]
+    return torch.where(mask & (x >= threshold), 1 - x, x)
+
+
+def resize_center(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Evaluation transform: resize the shorter side to ``size`` then center-crop."""
+    x = to_float(images)
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        s = size / min(h, w)
+        nh, nw = max(size, round(h * s)), max(size, round(w * s))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=nh < h, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[..., top: top + size, left: left + size]
+    return x
+
+
+class Normalize(torch.nn.Module):
+    """Per-channel normalisation that also adapts the channel count (gray <-> RGB)."""
+
+    def __init__(self, mean, std, channels: int | None = None):
+        super().__init__()
+        self.channels = channels or len(mean)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1) if x.shape[1] == 1 else grayscale(x)
+        return (x - self.mean) / self.std

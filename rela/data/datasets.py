@@ -1,0 +1,239 @@
+"""Datasets by name, held in memory as uint8 tensors.
+
+Every dataset becomes an :class:`ImageDataset`: ``images`` (N x C x H x W,
+uint8) and ``labels`` (N, int64). Small image datasets fit in memory, and
+keeping them as one tensor lets augmentation run on whole batches on the
+training device (see :mod:`rela.data.augment`) instead of per-image in
+worker processes.
+
+Names: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``imagefolder:PATH``,
+``synthetic``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rela.errors import RelaError, unknown
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "synthetic")
+FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    split: str
+    images: torch.Tensor  # uint8, N x C x H x W
+    labels: torch.Tensor  # int64, N
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str = ""
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError("images must be a uint8 tensor of shape N x C x H x W")
+        if len(self.images) != len(self.labels):
+            raise ValueError("images and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def fingerprint(self) -> str:
+        """Content hash: the bank cache is keyed by what the images are, not by a path."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(f"{self.name}|{self.split}|{tuple(self.images.shape)}".encode())
+            h.update(self.images.contiguous().numpy().tobytes())
+            h.update(self.labels.numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def subset(self, limit: int | None) -> "ImageDataset":
+        """The first ``limit`` images (the files are already shuffled)."""
+        if limit is None or limit >= len(self):
+            return self
+        return ImageDataset(
+            self.name, self.split, self.images[:limit].clone(), self.labels[:limit].clone(),
+            self.num_classes, self.mean, self.std, self.source,
+        )
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    limit: int | None = None,
+    image_size: int | None = None,
+) -> ImageDataset:
+    """Load ``split`` ("train" or "test") of the dataset called ``name``."""
+    if split not in ("train", "test"):
+        raise RelaError(f"unknown split {split!r}; valid choices: train, test")
+    if name == "fashion-mnist":
+        ds = _fashion_mnist(split, root)
+    elif name in ("cifar10", "cifar100"):
+        ds = _cifar(name, split, root, download)
+    elif name.startswith("imagefolder:"):
+        ds = _image_folder(name, split, image_size or 64)
+    elif name == "synthetic" or name.startswith("synthetic:"):
+        ds = synthetic(name, split)
+    else:
+        raise unknown("dataset", name, DATASETS)
+    return ds.subset(limit)
+
+
+# --- Fashion-MNIST (standard IDX .gz files) -------------------------------------------
+
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def fashion_mnist_root(root: str | os.PathLike | None = None) -> Path:
+    """--data-root, else $RELA_DATA, else Debian's install location.
+
+    A root may hold the files directly or in a ``fashion-mnist/`` sub-folder.
+    """
+    candidates = [root, os.environ.get("RELA_DATA")] if root else [os.environ.get("RELA_DATA")]
+    candidates = [Path(c) for c in candidates if c] or [FASHION_MNIST_SYSTEM_ROOT]
+    if not root:
+        candidates.append(FASHION_MNIST_SYSTEM_ROOT)
+    for base in candidates:
+        for d in (base, base / "fashion-mnist"):
+            if (d / _FMNIST_FILES["train"][0]).is_file():
+                return d
+    tried = ", ".join(str(c) for c in candidates)
+    raise RelaError(
+        f"Fashion-MNIST files ({_FMNIST_FILES['train'][0]} ...) not found in {tried}; "
+        "install Debian's package 'dataset-fashion-mnist' or pass --data-root DIR"
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise RelaError(f"cannot read IDX file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise RelaError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise RelaError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {data.size}")
+    return data.reshape(shape)
+
+
+def _fashion_mnist(split: str, root) -> ImageDataset:
+    d = fashion_mnist_root(root)
+    img_file, lbl_file = (d / f for f in _FMNIST_FILES[split])
+    for f in (img_file, lbl_file):
+        if not f.is_file():
+            raise RelaError(f"Fashion-MNIST file missing: {f}")
+    images = torch.from_numpy(read_idx(img_file).copy()).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(lbl_file).astype(np.int64))
+    if len(images) != len(labels):
+        raise RelaError(f"{img_file} and {lbl_file} disagree on the number of images")
+    return ImageDataset("fashion-mnist", split, images, labels, 10, (0.2860,), (0.3530,), str(d))
+
+
+# --- CIFAR (torchvision) --------------------------------------------------------------
+
+def _cifar(name: str, split: str, root, download: bool) -> ImageDataset:
+    from torchvision import datasets
+
+    root = Path(root or os.environ.get("RELA_DATA") or "data")
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        ds = cls(str(root), train=split == "train", download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise RelaError(f"{name} not found under {root} ({e}); pass --download to fetch it") from None
+    images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor(ds.targets, dtype=torch.int64)
+    if name == "cifar10":
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    else:
+        mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    return ImageDataset(name, split, images, labels, len(ds.classes), mean, std, str(root))
+
+
+# --- ImageFolder (one sub-folder per class) -----------------------------------------
+
+def _image_folder(name: str, split: str, image_size: int) -> ImageDataset:
+    from PIL import Image
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    base = Path(name.split(":", 1)[1]).expanduser()
+    if not base.is_dir():
+        raise RelaError(f"image folder {base} does not exist")
+    names = ("train",) if split == "train" else ("test", "val")
+    split_dir = next((base / n for n in names if (base / n).is_dir()), None)
+    if split_dir is None:
+        if split == "test":
+            raise RelaError(f"image folder {base} has no test/ or val/ sub-folder to evaluate on")
+        split_dir = base  # the authors' layout: the folder itself holds one sub-folder per class
+    try:
+        folder = datasets.ImageFolder(str(split_dir))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise RelaError(f"image folder {split_dir}: {e}") from None
+    resize = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
+    images = torch.empty(len(folder), 3, image_size, image_size, dtype=torch.uint8)
+    for i, (path, _) in enumerate(folder.samples):
+        try:
+            with Image.open(path) as im:
+                images[i] = resize(im.convert("RGB"))
+        except OSError as e:
+            raise RelaError(f"cannot decode image {path}: {e}") from None
+    labels = torch.tensor(folder.targets, dtype=torch.int64)
+    ident = f"imagefolder:{base.resolve()}"
+    return ImageDataset(ident, split, images, labels, len(folder.classes), IMAGENET_MEAN, IMAGENET_STD, str(split_dir))
+
+
+# --- synthetic (for tests) ------------------------------------------------------------
+
+def synthetic(name: str = "synthetic", split: str = "train", n: int | None = None) -> ImageDataset:
+    """Ten classes of noisy coloured gratings; learnable, so k-NN beats chance.
+
+    ``synthetic:N`` sets the training-set size (test is N/2).
+    """
+    size, classes = 16, 10
+    if n is None:
+        n_train = int(name.split(":", 1)[1]) if ":" in name else 512
+        n = n_train if split == "train" else max(n_train // 2, classes)
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    labels = torch.arange(n) % classes
+    labels = labels[torch.randperm(n, generator=g)]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    angle = labels.float() * (torch.pi / classes) + 0.15 * torch.randn(n, generator=g)
+    freq = 2.0 + (labels % 3).float()
+    phase = 2 * torch.pi * torch.rand(n, generator=g)
+    wave = torch.sin(freq[:, None, None] * torch.pi * (
+        xx * torch.cos(angle)[:, None, None] + yy * torch.sin(angle)[:, None, None]) + phase[:, None, None])
+    tint = torch.stack([(labels % 2), (labels // 2) % 2, (labels // 5) % 2], 1).float() * 0.5 + 0.25
+    img = 0.5 + 0.35 * wave[:, None] * tint[:, :, None, None] + 0.1 * torch.randn(n, 3, size, size, generator=g)
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageDataset("synthetic", split, images, labels, classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), name)

@@ -1,0 +1,106 @@
+"""Frozen-backbone evaluation: weighted k-NN (InstDisc style) and a linear probe."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rela.config import TrainConfig
+from rela.data import Normalize, load_dataset
+from rela.data.augment import to_float
+from rela.errors import RelaError
+from rela.features import embed
+from rela.io import load_json, save_json
+from rela.priors import build_saved_backbone, load_backbone_file
+
+
+@torch.no_grad()
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int,
+                 ks=(20, 200), temperature: float = 0.1, chunk: int = 1024) -> dict[int, float]:
+    """Top-1 of cosine k-NN with votes weighted by exp(similarity / temperature), for each k."""
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    ks = [min(k, len(train)) for k in ks]
+    correct = dict.fromkeys(ks, 0)
+    for start in range(0, len(test), chunk):
+        sim = test[start: start + chunk] @ train.T
+        top_sim, top_idx = sim.topk(max(ks), dim=1)
+        weights = (top_sim / temperature).exp()
+        neighbour_labels = train_labels[top_idx]
+        truth = test_labels[start: start + chunk]
+        for k in ks:
+            votes = torch.zeros(len(sim), num_classes).scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+            correct[k] += (votes.argmax(1) == truth).sum().item()
+    return {k: correct[k] / len(test) for k in ks}
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int, *,
+                 epochs: int = 50, batch_size: int = 1024, lr: float = 1e-2, weight_decay: float = 1e-4,
+                 seed: int = 0) -> float:
+    """Top-1 of a linear classifier trained on standardised frozen features."""
+    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
+    xtr, xte = (train_features - mean) / std, (test_features - mean) / std
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(xtr.shape[1], num_classes)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(xtr) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        order = torch.randperm(len(xtr), generator=g)
+        for start in range(0, len(xtr), batch_size):
+            idx = order[start: start + batch_size]
+            loss = F.cross_entropy(head(xtr[idx]), train_labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return (head(xte).argmax(1) == test_labels).float().mean().item()
+
+
+def backbone_features(backbone: nn.Module, images: torch.Tensor, normalize: Normalize, *,
+                      device="cpu", batch_size: int = 1024, desc: str | None = None) -> torch.Tensor:
+    was_training = backbone.training
+    backbone.eval()
+    normalize = normalize.to(device)
+    try:
+        return embed(lambda x: backbone(normalize(to_float(x))), images, batch_size=batch_size,
+                     device=device, desc=desc)
+    finally:
+        backbone.train(was_training)
+
+
+def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data_root: str | None = None,
+                 device: str | None = None, progress: bool = True) -> dict:
+    """k-NN and linear probe of a finished run's backbone; results merged into its metrics.json."""
+    run = Path(run)
+    config_file, metrics_file = run / "config.yaml", run / "metrics.json"
+    if not config_file.is_file():
+        raise RelaError(f"{run} is not a finished run of 'rela train' (no config.yaml)")
+    cfg = TrainConfig.from_yaml(config_file)
+    blob = load_backbone_file(run / "backbone.pt")
+    backbone = build_saved_backbone(blob)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone.to(device)
+    root = data_root or cfg.data_root
+    train = load_dataset(cfg.dataset, "train", root, False, cfg.train_limit, cfg.image_size)
+    test = load_dataset(cfg.dataset, "test", root, False, cfg.test_limit, cfg.image_size)
+    normalize = Normalize(blob["mean"], blob["std"], blob["channels"])
+    ftr = backbone_features(backbone, train.images, normalize, device=device, desc="eval: train" if progress else None)
+    fte = backbone_features(backbone, test.images, normalize, device=device, desc="eval: test" if progress else None)
+    knn = knn_accuracy(ftr, train.labels, fte, test.labels, train.num_classes, ks=ks)
+    results = {f"knn{k}_top1": acc for k, acc in knn.items()}
+    results["knn_top1"] = knn[max(knn)]  # the largest k (200 by default), as in lightly's benchmarks
+    results["linear_top1"] = linear_probe(ftr, train.labels, fte, test.labels, train.num_classes,
+                                          epochs=linear_epochs, seed=cfg.seed)
+    results["eval_test_images"] = len(test)
+    metrics = load_json(metrics_file) if metrics_file.is_file() else {}
+    metrics.update(results)
+    save_json(metrics, metrics_file)
+    return metrics

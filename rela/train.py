@@ -1,0 +1,249 @@
+"""Training, top to bottom: data -> prior -> bank -> accelerator -> method -> Lightning fit.
+
+:func:`train` resolves every input first (dataset, backbone, prior, bank), so a
+bad name fails before the output folder exists; then it fits a
+:class:`ReLAModule` with Lightning and writes ``config.yaml``, ``backbone.pt``
+and ``metrics.json`` (budget: optimizer steps, images seen, seconds, switch step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader
+
+from rela.accelerator import ReLAAccelerator, build_switch
+from rela.backbones import build_backbone
+from rela.bank import load_or_extract, transport
+from rela.config import TrainConfig
+from rela.data import DynamicSubsetSampler, ImageDataset, Normalize, load_dataset
+from rela.errors import RelaError
+from rela.evaluate import backbone_features, knn_accuracy
+from rela.io import save_json, save_torch, save_yaml
+from rela.methods import Method, build_method
+from rela.priors import BACKBONE_FILE_FORMAT, build_prior
+
+PROBE_TRAIN_IMAGES, PROBE_TEST_IMAGES = 5000, 2000
+
+
+class ReLAModule(L.LightningModule):
+    """A base method, optionally accelerated by ReLA, plus the online linear monitor."""
+
+    def __init__(self, cfg: TrainConfig, method: Method, rela: ReLAAccelerator | None, dataset: ImageDataset):
+        super().__init__()
+        self.cfg, self.method, self.rela = cfg, method, rela
+        # Labels train this classifier for monitoring only: its input is detached.
+        self.monitor = nn.Linear(method.feature_dim, dataset.num_classes)
+        self.normalize = Normalize(dataset.mean, dataset.std, dataset.channels)
+        # The whole (small) dataset rides along to the training device; batches are index tensors.
+        self.register_buffer("images", dataset.images, persistent=False)
+        self.register_buffer("labels", dataset.labels, persistent=False)
+        self.budget = {"steps": 0, "images_seen": 0, "train_seconds": 0.0}
+        self.history: list[dict] = []
+        self._rela_loss: torch.Tensor | None = None
+        self._batch_start = 0.0
+
+    # --- data -------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        sampler = DynamicSubsetSampler(len(self.labels), self.cfg.ratio, self.cfg.seed,
+                                       rank=self.global_rank, world_size=self.trainer.world_size)
+        batch_size = min(self.cfg.batch_size, len(sampler))
+        if batch_size < self.cfg.batch_size:
+            warnings.warn(f"the subset per epoch and rank holds {len(sampler)} images; batch size "
+                          f"lowered from {self.cfg.batch_size} to {batch_size}", stacklevel=1)
+        batches = BatchSampler(sampler, batch_size, drop_last=True)
+        return DataLoader(range(len(self.labels)), batch_sampler=batches, collate_fn=torch.tensor)
+
+    # --- one step ---------------------------------------------------------------------
+    def training_step(self, index: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x, y = self.images[index], self.labels[index]
+        step, max_steps = self.global_step, int(self.trainer.estimated_stepping_batches)
+        self.method.update_momentum(step, max_steps)  # in the ReLA phase too (spec step 4)
+        lam = self.rela.switch.weight(self.current_epoch) if self.rela is not None else 0.0
+        if self.rela is not None and lam == 0:
+            self.rela.switch.record_switch(step)
+        loss, logs = 0.0, {"lambda": lam}
+        if lam > 0:
+            # ReLA phase: two cheap views regressed onto the prior's targets; no momentum forward.
+            f1 = self.method.backbone(self.normalize(self.rela.view(x))).flatten(1)
+            f2 = self.method.backbone(self.normalize(self.rela.view(x))).flatten(1)
+            rela_loss = self.rela.loss(f1, f2, index)
+            loss, features = lam * rela_loss, f1
+            self._rela_loss = rela_loss.detach()
+            logs["rela_loss"] = rela_loss.detach()
+        if lam < 1:
+            out = self.method([self.normalize(view(x)) for view in self.method.views], y)
+            loss, features = loss + (1 - lam) * out.loss, out.features
+            logs["method_loss"] = out.loss.detach()
+        logits = self.monitor(features.detach().float())
+        monitor_loss = F.cross_entropy(logits, y)
+        logs["monitor_acc"] = (logits.argmax(1) == y).float().mean()
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        if not torch.isfinite(loss):
+            raise RelaError(f"the training loss became {loss.item()} at step {step}; "
+                            "lower --lr (the last good checkpoint is kept)")
+        return loss + monitor_loss
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.budget["train_seconds"] += time.perf_counter() - self._batch_start
+        self.budget["steps"] += 1
+        self.budget["images_seen"] += len(batch) * self.trainer.world_size
+        if self._rela_loss is not None:
+            # Every rank must take the same decision: average the loss over ranks first.
+            loss = self.all_gather(self._rela_loss).float().mean().item()
+            self.rela.switch.update(loss, self.global_step, self.current_epoch)
+            self._rela_loss = None
+
+    # --- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(self.cfg.warmup * total)
+
+        def warmup_cosine(step: int) -> float:  # over the steps this run actually takes
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- checkpoint extras ------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rela_budget"] = dict(self.budget)
+        checkpoint["rela_history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.budget = dict(checkpoint.get("rela_budget", self.budget))
+        self.history = list(checkpoint.get("rela_history", []))
+
+    @property
+    def switch_step(self) -> int | None:
+        if self.rela is None or not bool(self.rela.switch.switched):
+            return None
+        return int(self.rela.switch.switch_step)
+
+
+class CostCurveProbe(Callback):
+    """k-NN accuracy on fixed train/test slices after every few epochs, against the budget spent.
+
+    This is the accuracy-vs-cost curve of the demo plot; it is monitoring only and
+    its time is not counted in ``train_seconds``.
+    """
+
+    def __init__(self, train_set: ImageDataset, test_set: ImageDataset, every: int):
+        self.every = every
+        self.memory = train_set.subset(PROBE_TRAIN_IMAGES)
+        self.queries = test_set.subset(PROBE_TEST_IMAGES)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: ReLAModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if not trainer.is_global_zero or (epoch % self.every and epoch != trainer.max_epochs):
+            return
+        backbone = module.method.backbone
+        ftr = backbone_features(backbone, self.memory.images, module.normalize, device=module.device)
+        fte = backbone_features(backbone, self.queries.images, module.normalize, device=module.device)
+        acc = knn_accuracy(ftr, self.memory.labels, fte, self.queries.labels, self.memory.num_classes, ks=(20,))[20]
+        module.history.append({"epoch": epoch, **module.budget, "probe_knn_top1": acc,
+                               "switched": module.switch_step is not None})
+        module.log("probe_knn", acc, prog_bar=True, rank_zero_only=True)
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _check_out_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RelaError(f"output path {out} exists and is not a folder")
+    if not cfg.resume and (out / "checkpoints").exists():
+        raise RelaError(f"output folder {out} already holds a run; pass --resume to continue it "
+                        "or choose another --out")
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training job as configured; returns the metrics written to ``metrics.json``."""
+    cfg.validate()
+    out = _check_out_dir(cfg)
+    wall_start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
+
+    # 1. data
+    train_set = load_dataset(cfg.dataset, "train", cfg.data_root, cfg.download, cfg.train_limit, cfg.image_size)
+    test_set = (load_dataset(cfg.dataset, "test", cfg.data_root, cfg.download, cfg.test_limit, cfg.image_size)
+                if cfg.probe_every else None)
+    # 2. learner + base method
+    backbone, feature_dim = build_backbone(cfg.backbone, train_set.channels, train_set.image_size)
+    method = build_method(cfg.method, backbone, feature_dim, train_set.num_classes, **cfg.extra)
+    # 3. prior -> bank -> targets -> accelerator
+    prior = build_prior(cfg.prior, learner_arch=cfg.backbone, channels=train_set.channels,
+                        image_size=train_set.image_size, mean=train_set.mean, std=train_set.std,
+                        seed=cfg.seed + 1 if cfg.prior_seed is None else cfg.prior_seed,
+                        weights=cfg.prior_weights)
+    rela, info = None, {"bank_seconds": 0.0}
+    if prior is not None:
+        raw, info = load_or_extract(prior, train_set, cache_dir=cfg.cache_dir, path=cfg.bank, device=device,
+                                    progress=cfg.progress)
+        targets = transport(raw, min(feature_dim, raw.shape[1]))
+        info.update(prior_name=prior.name, target_dim=targets.values.shape[1],
+                    target_explained_variance=targets.explained_variance)
+        rela = ReLAAccelerator(feature_dim, targets.values, build_switch(cfg.switch, cfg.epochs))
+    # 4. fit
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg.to_dict(), out / "config.yaml")
+    module = ReLAModule(cfg, method, rela, train_set)
+    callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
+                                 every_n_epochs=1, enable_version_counter=False)]
+    if test_set is not None:
+        callbacks.insert(0, CostCurveProbe(train_set, test_set, cfg.probe_every))
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        precision=_precision(cfg), logger=CSVLogger(out, name="logs", version=""),
+        callbacks=callbacks, enable_progress_bar=cfg.progress, enable_model_summary=False,
+        log_every_n_steps=10, use_distributed_sampler=False, num_sanity_val_steps=0,
+    )
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(module, ckpt_path=str(last) if cfg.resume and last.is_file() else None)
+    if not trainer.is_global_zero:
+        return {}
+    # 5. outputs
+    save_torch({"format": BACKBONE_FILE_FORMAT, "arch": cfg.backbone, "channels": train_set.channels,
+                "image_size": train_set.image_size, "mean": list(train_set.mean), "std": list(train_set.std),
+                "feature_dim": feature_dim, "state_dict": {k: v.cpu() for k, v in backbone.state_dict().items()}},
+               out / "backbone.pt")
+    switch_step = module.switch_step
+    metrics = {
+        "dataset": cfg.dataset, "method": cfg.method, "prior": cfg.prior, "backbone": cfg.backbone,
+        "ratio": cfg.ratio, "epochs": cfg.epochs, "seed": cfg.seed, "feature_dim": feature_dim,
+        **module.budget, "switch_step": switch_step,
+        "rela_steps": (switch_step if switch_step is not None else module.budget["steps"]) if rela else 0,
+        "wall_seconds": time.perf_counter() - wall_start, "history": module.history, **info,
+        "device": device, "precision": _precision(cfg),
+    }
+    save_json(metrics, out / "metrics.json")
+    return metrics
