@@ -1,0 +1,28 @@
+# make demo: set up .venv + Fashion-MNIST, then BYOL vs ReLA+BYOL at a reduced budget.
+# make test: the same set-up, then the test suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup data demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,timm]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data:
+	./scripts/install-fashion-mnist.sh
+
+demo: setup data
+	$(BIN)/rela demo --out runs/demo
+
+test: setup data
+	$(BIN)/python -m pytest -q --durations=10
+
+clean:
+	rm -rf runs .cache .pytest_cache
