@@ -1,0 +1,490 @@
+"""Cost of one optimizer step: bare compute vs. BYOL vs. ReLA, and bank extraction vs. bare inference.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/step_cost.py                      # convnet, batch 256, 20 timed steps
+    .venv/bin/python benchmarks/step_cost.py --backbone resnet-narrow --steps 10
+
+What is measured (median seconds per optimizer step, after ``--warmup`` untimed steps):
+
+(a) ``bare``: the backbone on two already-normalised views (made outside the timed
+    region), loss = mean of the features, backward, AdamW step.
+(b) ``byol``: the shipped SSL-phase step, ``ReLAModule.training_step`` driven by a real
+    ``lightning.Trainer.fit`` (no prior): index the uint8 images, augment both views with
+    ``method.views``, normalise, BYOL forward incl. the momentum forward, update_momentum,
+    online monitor, backward, AdamW step, LR scheduler step. A callback records
+    ``on_train_batch_start`` -> ``on_train_batch_end`` per batch (and the start-to-start
+    period, which also holds data fetching, logging and the module's own batch-end hook).
+(c) ``rela``: the same fit with prior ``random`` -> bank -> targets and switch ``never``
+    (ReLA phase all the way: no momentum forward).
+(d) ``momentum_forward``: BYOL's two no-grad momentum forwards (momentum backbone +
+    momentum projection head, train mode as in training) on prepared views.
+(e) bank extraction (``rela.bank.extract``, random prior) vs. bare prior inference
+    (``prior.model`` on pre-normalised tensors, same batch size), in images/s.
+
+Diagnostics that split (b) up: ``byol_compute`` (the BYOL module's forward on prepared views
++ monitor + backward + AdamW + update_momentum, i.e. (b) without data pipeline and Lightning),
+``rela_compute`` likewise for (c), ``augment_byol`` / ``augment_rela`` (index + both views +
+normalise, no grad).
+
+Ratios: ``c_over_b`` (expected <= 0.8), ``pipeline_overhead`` = b / (a + d) - 1 (expected
+< 0.15; the denominator holds neither BYOL's projection/prediction heads nor the monitor, so
+this overestimates the pipeline's share by the heads' cost; ``pipeline_overhead_vs_compute``
+= b / byol_compute - 1 is the overhead with the heads counted in the compute),
+``bank_vs_bare_inference`` = bank images/s / bare images/s (1.0 = no preprocessing cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+from rela.accelerator import ReLAAccelerator, build_switch  # noqa: E402
+from rela.backbones import build_backbone  # noqa: E402
+from rela.bank import extract, transport  # noqa: E402
+from rela.config import TrainConfig  # noqa: E402
+from rela.data import Normalize, load_dataset  # noqa: E402
+from rela.methods import METHODS, build_method  # noqa: E402
+from rela.priors import build_prior  # noqa: E402
+from rela.train import ReLAModule  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "step_cost.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--backbone", default="convnet", help="learner backbone (convnet, resnet-narrow, resnet18, ...)")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
+    p.add_argument("--train-images", type=int, default=20000,
+                   help="training images the fits index into (and the bank covers); does not change step cost")
+    p.add_argument("--bank-images", type=int, default=20000, help="images for the bank-extraction timing (e)")
+    p.add_argument("--bank-batch-size", type=int, default=512,
+                   help="batch size of (e), both sides (512 = what rela.train uses for the bank)")
+    p.add_argument("--bank-repeats", type=int, default=2, help="runs of (e) per side; the median is kept")
+    p.add_argument("--prior", default="random", help="prior for (c) and (e)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d", "e", "diag"],
+                   help="measurements to leave out")
+    p.add_argument("--wait-idle", type=float, default=0.0,
+                   help="minutes to wait (polling each minute) for the 1-min load average to drop below --max-load")
+    p.add_argument("--max-load", type=float, default=0.5)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output file ('' to skip writing)")
+    return p.parse_args(argv)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def summary(xs: list[float]) -> dict:
+    if not xs:
+        return {"median": float("nan"), "n": 0}
+    return {"median": median(xs), "min": float(min(xs)), "max": float(max(xs)),
+            "mean": float(statistics.fmean(xs)), "n": len(xs)}
+
+
+def timed_loop(fn, warmup: int, steps: int) -> list[float]:
+    """Call ``fn(i)`` warmup + steps times; return the wall times of the last ``steps`` calls."""
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        fn(i)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    return times
+
+
+def wait_for_idle(minutes: float, max_load: float) -> None:
+    deadline = time.time() + minutes * 60
+    while os.getloadavg()[0] >= max_load and time.time() < deadline:
+        print(f"load average {os.getloadavg()[0]:.2f} >= {max_load}; waiting ...", flush=True)
+        time.sleep(60)
+
+
+def batch_indices(n: int, batch_size: int, count: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=g)[:batch_size] for _ in range(count)]
+
+
+class StepTimer(Callback):
+    """Per-batch wall times inside a real ``Trainer.fit``.
+
+    ``batch``: on_train_batch_start -> on_train_batch_end (callback hooks run before the
+    module's, so this covers training_step, backward, optimizer and LR-scheduler step).
+    ``period``: start-to-start, i.e. everything the loop does per step (data fetch, logging,
+    the module's on_train_batch_end with the switch update).
+    """
+
+    def __init__(self):
+        self.batch: list[float] = []
+        self.period: list[float] = []
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        now = time.perf_counter()
+        if self._start is not None:
+            self.period.append(now - self._start)
+        self._start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batch.append(time.perf_counter() - self._start)
+
+
+def fit_steps(cfg: TrainConfig, dataset, targets: torch.Tensor | None, warmup: int, steps: int,
+              seed: int) -> tuple[StepTimer, ReLAModule]:
+    """Fit ReLAModule for warmup + steps optimizer steps with Lightning; time every batch."""
+    L.seed_everything(seed, verbose=False)
+    backbone, feature_dim = build_backbone(cfg.backbone, dataset.channels, dataset.image_size)
+    method = build_method(cfg.method, backbone, feature_dim, dataset.num_classes, **cfg.extra)
+    rela = None
+    if targets is not None:  # as rela.train.train builds it
+        rela = ReLAAccelerator(feature_dim, targets, build_switch(cfg.switch, cfg.epochs))
+    module = ReLAModule(cfg, method, rela, dataset)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        max_steps=warmup + steps, max_epochs=cfg.epochs, accelerator="cpu", devices=1, precision="32-true",
+        logger=False, callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(module)
+    if len(timer.batch) != warmup + steps:
+        raise RuntimeError(f"the fit ran {len(timer.batch)} steps, expected {warmup + steps}")
+    timer.batch = timer.batch[warmup:]
+    timer.period = timer.period[warmup:]  # period[i] ends at the start of batch i + 1
+    return timer, module
+
+
+# --- measurements ----------------------------------------------------------------------
+
+def measure_bare(args, dataset, normalize, views) -> list[float]:
+    """(a) backbone fwd+bwd on two prepared views, mean-of-features loss, AdamW step."""
+    torch.manual_seed(args.seed)
+    backbone, _ = build_backbone(args.backbone, dataset.channels, dataset.image_size)
+    backbone.train()
+    opt = torch.optim.AdamW(backbone.parameters(), lr=args.lr, weight_decay=1e-4)
+
+    def step(i):
+        v1, v2 = views[i]
+        opt.zero_grad(set_to_none=True)
+        loss = backbone(v1).flatten(1).mean() + backbone(v2).flatten(1).mean()
+        loss.backward()
+        opt.step()
+
+    return timed_loop(step, args.warmup, args.steps)
+
+
+def build_byol(args, dataset):
+    torch.manual_seed(args.seed)
+    backbone, feature_dim = build_backbone(args.backbone, dataset.channels, dataset.image_size)
+    method = build_method("byol", backbone, feature_dim, dataset.num_classes)
+    return method.train(), feature_dim
+
+
+def measure_momentum_forward(args, dataset, views) -> list[float]:
+    """(d) BYOL's two momentum forwards (backbone + projection head, no grad, train mode)."""
+    method, _ = build_byol(args, dataset)
+
+    def step(i):
+        v1, v2 = views[i]
+        method._target(v1)
+        method._target(v2)
+
+    return timed_loop(step, args.warmup, args.steps)
+
+
+def measure_byol_compute(args, dataset, views, labels) -> list[float]:
+    """BYOL module on prepared views + monitor + backward + AdamW + update_momentum (no data pipeline)."""
+    method, feature_dim = build_byol(args, dataset)
+    monitor = torch.nn.Linear(feature_dim, dataset.num_classes)
+    params = [p for p in list(method.parameters()) + list(monitor.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    total = args.warmup + args.steps
+
+    def step(i):
+        v1, v2 = views[i]
+        opt.zero_grad(set_to_none=True)
+        method.update_momentum(i, total)
+        out = method([v1, v2], labels[i])
+        loss = out.loss + F.cross_entropy(monitor(out.features.detach()), labels[i])
+        loss.backward()
+        opt.step()
+
+    return timed_loop(step, args.warmup, args.steps)
+
+
+def measure_rela_compute(args, dataset, rela_views, labels, index, targets) -> list[float]:
+    """ReLA-phase step on prepared views: 2 backbone fwd+bwd, transfer head, monitor, AdamW, update_momentum."""
+    method, feature_dim = build_byol(args, dataset)
+    rela = ReLAAccelerator(feature_dim, targets, build_switch("never", 1))
+    monitor = torch.nn.Linear(feature_dim, dataset.num_classes)
+    params = [p for m in (method, rela, monitor) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    total = args.warmup + args.steps
+
+    def step(i):
+        v1, v2 = rela_views[i]
+        opt.zero_grad(set_to_none=True)
+        method.update_momentum(i, total)
+        f1 = method.backbone(v1).flatten(1)
+        f2 = method.backbone(v2).flatten(1)
+        loss = rela.loss(f1, f2, index[i]) + F.cross_entropy(monitor(f1.detach()), labels[i])
+        loss.backward()
+        opt.step()
+
+    return timed_loop(step, args.warmup, args.steps)
+
+
+def measure_augment(args, dataset, normalize, view_fns, index) -> list[float]:
+    """What training_step does before the forward: index the uint8 images, both views, normalise."""
+    torch.manual_seed(args.seed)
+
+    @torch.no_grad()
+    def step(i):
+        x = dataset.images[index[i]]
+        for view in view_fns:
+            normalize(view(x))
+
+    return timed_loop(step, args.warmup, args.steps)
+
+
+def measure_bank(args, prior, bank_set) -> dict:
+    """(e) rela.bank.extract vs. the prior model on pre-normalised tensors, same batch size."""
+    bs = args.bank_batch_size
+    ready = [prior.preprocess(bank_set.images[s: s + bs]) for s in range(0, len(bank_set), bs)]
+    n = len(bank_set)
+    with torch.no_grad():  # warm-up: first-call allocations and kernel selection stay out of both timings
+        prior(bank_set.images[:bs])
+        prior.model(ready[0])
+    bank_times, bare_times, feats = [], [], None
+    for _ in range(args.bank_repeats):
+        t0 = time.perf_counter()
+        feats = extract(prior, bank_set, batch_size=bs, device="cpu", progress=False)
+        bank_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for x in ready:
+                prior.model(x).flatten(1).float()
+        bare_times.append(time.perf_counter() - t0)
+    return {"images": n, "batch_size": bs, "bank_seconds": median(bank_times), "bare_seconds": median(bare_times),
+            "bank_images_per_s": n / median(bank_times), "bare_images_per_s": n / median(bare_times),
+            "bank_runs_s": bank_times, "bare_runs_s": bare_times, "features": feats}
+
+
+# --- main ------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wait_for_idle(args.wait_idle, args.max_load)
+    load_start = os.getloadavg()
+    torch.manual_seed(args.seed)
+    wall0 = time.perf_counter()
+
+    train_full = load_dataset(args.dataset, "train")
+    n_train = min(args.train_images, len(train_full))
+    dataset = train_full.subset(n_train)
+    bank_set = train_full.subset(min(args.bank_images, len(train_full)))
+    normalize = Normalize(dataset.mean, dataset.std, dataset.channels)
+    count = args.warmup + args.steps
+    index = batch_indices(n_train, args.batch_size, count, args.seed)
+    labels = [dataset.labels[i] for i in index]
+    byol_views_fns = METHODS["byol"].views  # the method's own views, as training_step uses them
+    from rela.accelerator import RELA_VIEW  # the ReLA phase's view (ReLAAccelerator's default)
+
+    torch.manual_seed(args.seed)
+    with torch.no_grad():  # prepared outside every timed region
+        views = [tuple(normalize(v(dataset.images[i])) for v in byol_views_fns) for i in index]
+        rela_views = [tuple(normalize(RELA_VIEW(dataset.images[i])) for _ in range(2)) for i in index]
+
+    times: dict[str, list[float]] = {}
+    extra: dict = {}
+    skip = set(args.skip)
+
+    def run(key, label, fn):
+        print(f"  {label} ...", flush=True)
+        times[key] = fn()
+
+    print(f"backbone {args.backbone}, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, "
+          f"{torch.get_num_threads()} threads, load {load_start[0]:.2f}", flush=True)
+    if "a" not in skip:
+        run("bare", "(a) bare forward+backward", lambda: measure_bare(args, dataset, normalize, views))
+    if "d" not in skip:
+        run("momentum_forward", "(d) momentum forward", lambda: measure_momentum_forward(args, dataset, views))
+
+    # (e) first: its bank provides (c)'s targets.
+    prior = build_prior(args.prior, learner_arch=args.backbone, channels=dataset.channels,
+                        image_size=dataset.image_size, mean=dataset.mean, std=dataset.std, seed=args.seed + 1)
+    bank = None
+    if "e" not in skip or "c" not in skip or "diag" not in skip:
+        print("  (e) bank extraction vs. bare prior inference ...", flush=True)
+        if "e" in skip:  # still need a bank for (c): one untimed extraction over the training images
+            raw = extract(prior, dataset, batch_size=args.bank_batch_size, progress=False)
+        else:
+            bank = measure_bank(args, prior, bank_set)
+            raw = bank.pop("features")
+            if len(raw) < n_train:
+                raw = extract(prior, dataset, batch_size=args.bank_batch_size, progress=False)
+        raw = raw[:n_train]
+        _, feature_dim = build_backbone(args.backbone, dataset.channels, dataset.image_size)
+        targets = transport(raw, min(feature_dim, raw.shape[1]))
+    base_cfg = dict(dataset=args.dataset, backbone=args.backbone, method="byol", batch_size=args.batch_size,
+                    lr=args.lr, seed=args.seed, epochs=1000, progress=False, probe_every=0)
+
+    if "b" not in skip:
+        def fit_b():
+            timer, _ = fit_steps(TrainConfig(**base_cfg), dataset, None, args.warmup, args.steps, args.seed)
+            extra["byol_period"] = timer.period
+            return timer.batch
+        run("byol", "(b) BYOL step (Lightning fit)", fit_b)
+    if "c" not in skip:
+        def fit_c():
+            cfg = TrainConfig(**base_cfg, prior=args.prior, switch="never")
+            timer, module = fit_steps(cfg, dataset, targets.values, args.warmup, args.steps, args.seed)
+            if module.switch_step is not None:
+                raise RuntimeError("the switch fired during the ReLA-phase benchmark")
+            extra["rela_period"] = timer.period
+            return timer.batch
+        run("rela", "(c) ReLA-phase step (Lightning fit)", fit_c)
+    if "diag" not in skip:
+        run("byol_compute", "diag: BYOL compute on prepared views",
+            lambda: measure_byol_compute(args, dataset, views, labels))
+        run("rela_compute", "diag: ReLA compute on prepared views",
+            lambda: measure_rela_compute(args, dataset, rela_views, labels, index, targets.values))
+        run("augment_byol", "diag: index + BYOL views + normalise",
+            lambda: measure_augment(args, dataset, normalize, byol_views_fns, index))
+        run("augment_rela", "diag: index + 2 ReLA views + normalise",
+            lambda: measure_augment(args, dataset, normalize, (RELA_VIEW, RELA_VIEW), index))
+    times.update({k: v for k, v in extra.items()})
+
+    med = {k: median(v) for k, v in times.items()}
+    g = med.get
+
+    def ratio(num, den):
+        return num / den if num is not None and den and den == den else None
+
+    ratios = {
+        "c_over_b": ratio(g("rela"), g("byol")),
+        "c_over_b_period": ratio(g("rela_period"), g("byol_period")),
+        "pipeline_overhead": (ratio(g("byol"), g("bare") + g("momentum_forward")) - 1
+                              if g("byol") and g("bare") and g("momentum_forward") else None),
+        "pipeline_overhead_vs_compute": (ratio(g("byol"), g("byol_compute")) - 1
+                                         if g("byol") and g("byol_compute") else None),
+        "rela_overhead_vs_compute": (ratio(g("rela"), g("rela_compute")) - 1
+                                     if g("rela") and g("rela_compute") else None),
+        "compute_c_over_b": ratio(g("rela_compute"), g("byol_compute")),
+        "bank_vs_bare_inference": ratio(bank["bank_images_per_s"], bank["bare_images_per_s"]) if bank else None,
+    }
+    result = {
+        "benchmark": "step_cost",
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "config": {"backbone": args.backbone, "dataset": args.dataset, "batch_size": args.batch_size,
+                   "steps": args.steps, "warmup": args.warmup, "train_images": n_train, "prior": args.prior,
+                   "lr": args.lr, "seed": args.seed},
+        "medians_s": med,
+        "per_step_s": {k: summary(v) for k, v in times.items()},
+        "ratios": ratios,
+        "bank": bank,
+        "expected": {"c_over_b": "<= 0.8", "pipeline_overhead": "< 0.15"},
+        "definitions": {
+            "bare": "(a) backbone fwd on 2 prepared normalised views, loss = mean of features, backward, AdamW step",
+            "byol": "(b) Lightning fit batch: ReLAModule.training_step (index, 2 method.views, normalise, BYOL fwd "
+                    "incl. momentum fwd, update_momentum, monitor) + backward + AdamW + LR scheduler; "
+                    "on_train_batch_start -> on_train_batch_end",
+            "rela": "(c) same fit with prior -> bank -> targets and switch 'never' (ReLA phase only)",
+            "byol_period / rela_period": "start-to-start interval of consecutive batches in the fit (adds data "
+                                         "fetch, logging, module.on_train_batch_end incl. the switch update)",
+            "momentum_forward": "(d) 2 x (momentum backbone + momentum projection head), no grad, train mode",
+            "pipeline_overhead": "byol / (bare + momentum_forward) - 1; the denominator leaves out BYOL's "
+                                 "projection/prediction heads (online fwd+bwd), the monitor, update_momentum and "
+                                 "Lightning, so those count as overhead here",
+            "pipeline_overhead_vs_compute": "byol / byol_compute - 1: byol_compute = BYOL module fwd on prepared "
+                                            "views (heads + momentum fwd) + monitor + backward + AdamW + "
+                                            "update_momentum; what remains is augmentation, indexing, "
+                                            "normalisation and Lightning",
+            "rela_overhead_vs_compute": "rela / rela_compute - 1, the same split for the ReLA phase",
+            "augment_byol / augment_rela": "index uint8 batch + both views + normalise, no grad",
+            "bank_vs_bare_inference": "bank extraction images/s / bare prior-model images/s on pre-normalised "
+                                      "tensors (same batch size)",
+        },
+        "environment": {
+            "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
+            "wall_seconds": time.perf_counter() - wall0,
+        },
+    }
+    print_table(result)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
+def print_table(r: dict) -> None:
+    med, ps = r["medians_s"], r["per_step_s"]
+    names = [("bare", "(a) bare fwd+bwd, 2 prepared views"), ("momentum_forward", "(d) momentum forward x2"),
+             ("byol", "(b) BYOL step, Lightning"), ("byol_period", "    BYOL step-to-step period"),
+             ("rela", "(c) ReLA-phase step, Lightning"), ("rela_period", "    ReLA step-to-step period"),
+             ("byol_compute", "diag: BYOL compute, prepared views"),
+             ("rela_compute", "diag: ReLA compute, prepared views"),
+             ("augment_byol", "diag: index+augment+normalise, BYOL"),
+             ("augment_rela", "diag: index+augment+normalise, ReLA")]
+    print(f"\n{'measurement':40s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s}")
+    for key, label in names:
+        if key in med:
+            s = ps[key]
+            print(f"{label:40s} {1e3 * s['median']:10.1f} {1e3 * s['min']:8.1f} {1e3 * s['max']:8.1f}")
+    if r["bank"]:
+        b = r["bank"]
+        print(f"\n(e) bank extraction {b['bank_images_per_s']:9.0f} img/s   bare prior inference "
+              f"{b['bare_images_per_s']:9.0f} img/s   ({b['images']} images, batch {b['batch_size']})")
+    print()
+    for k, v in r["ratios"].items():
+        exp = r["expected"].get(k, "")
+        print(f"{k:32s} {'n/a' if v is None else f'{v:8.3f}'}  {('expected ' + exp) if exp else ''}")
+    env = r["environment"]
+    print(f"\ntorch {env['torch']}, {env['threads']} threads, load average at start "
+          f"{env['load_average_start'][0]:.2f}, wall {env['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

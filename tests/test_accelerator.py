@@ -1,0 +1,284 @@
+"""ReLA-F: the loss, the switch controller (spec steps 4-5) and the BYOL base method."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rela.accelerator import (AdaptiveSwitch, ConstantSwitch, NeverSwitch, ReLAAccelerator, Switch, build_switch,
+                              rela_loss)
+from rela.backbones import build_backbone
+from rela.errors import RelaError
+from rela.methods import build_method
+
+# --- the ReLA loss -------------------------------------------------------------------
+
+
+def test_rela_loss_identical_opposite_orthogonal():
+    y = torch.tensor([[1.0, 2.0, -3.0], [0.5, 0.0, 4.0]])
+    assert rela_loss(y, y, y).item() == pytest.approx(0.0, abs=1e-6)
+    assert rela_loss(3 * y, 0.1 * y, y).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert rela_loss(-y, -2 * y, y).item() == pytest.approx(2.0, abs=1e-6)
+    ortho = torch.tensor([[2.0, -1.0, 0.0], [0.0, 1.0, 0.0]])  # each row orthogonal to y's row
+    assert (ortho * y).sum(1).abs().max() == 0
+    assert rela_loss(ortho, ortho, y).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rela_loss_mixed_case_by_hand():
+    target = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    pred_1 = torch.tensor([[1.0, 1.0], [0.0, 5.0]])  # cos = 1/sqrt(2), 1
+    pred_2 = torch.tensor([[-1.0, 0.0], [3.0, 0.0]])  # cos = -1, 0
+    # view 1: mean(1 - 1/sqrt2, 0); view 2: mean(2, 1); the loss is the average of the two views
+    expected = 0.5 * ((1 - 1 / math.sqrt(2)) / 2 + (2 + 1) / 2)
+    assert rela_loss(pred_1, pred_2, target).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_rela_loss_gradient_flows_to_predictions_only():
+    pred = torch.randn(4, 3, requires_grad=True)
+    target = torch.randn(4, 3, requires_grad=True)
+    rela_loss(pred, pred * 2, target).backward()
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+
+
+def test_accelerator_regresses_indexed_targets():
+    targets = torch.eye(4)
+    acc = ReLAAccelerator(feature_dim=3, targets=targets, switch=NeverSwitch())
+    assert acc.transfer.in_features == 3 and acc.transfer.out_features == 4
+    feats = torch.randn(2, 3)
+    index = torch.tensor([2, 0])
+    expected = rela_loss(acc.transfer(feats), acc.transfer(feats), targets[index])
+    assert acc.loss(feats, feats, index).item() == pytest.approx(expected.item())
+    # targets are rebuilt from the bank, never checkpointed; the switch state is
+    assert "targets" not in acc.state_dict()
+    assert "switch.switched" in acc.state_dict()
+
+
+# --- the adaptive switch -------------------------------------------------------------
+
+
+def reference_switch_step(losses, threshold=0.995):
+    """The spec's rule, written out independently of rela."""
+    fast, slow = 1.0, 2.0
+    for step, loss in enumerate(losses):
+        rho = math.exp(-max(slow - fast, 0.0))
+        fast = 0.999 * fast + 0.001 * loss
+        slow = 0.99 * slow + 0.01 * fast
+        if rho >= threshold:
+            return step
+    return None
+
+
+def drive(switch: Switch, losses, start: int = 0) -> int | None:
+    for step, loss in enumerate(losses[start:], start):
+        switch.update(float(loss), step, epoch=0)
+        if bool(switch.switched):
+            return int(switch.switch_step)
+    return None
+
+
+def exp_decay_then_flat(n=20_000, plateau=4000, tau=1500.0, noise=0.0):
+    t = np.minimum(np.arange(n), plateau)
+    curve = 0.2 + 0.8 * np.exp(-t / tau)
+    if noise:
+        curve = curve + noise * np.random.default_rng(0).standard_normal(n)
+    return curve
+
+
+def linear_then_flat(n=20_000, plateau=4000):
+    return 1.0 - 0.8 * np.minimum(np.arange(n), plateau) / plateau
+
+
+CURVES = {
+    "exponential": (exp_decay_then_flat(), 4000),
+    "exponential+noise": (exp_decay_then_flat(noise=0.02), 4000),
+    "linear": (linear_then_flat(), 4000),
+}
+
+
+@pytest.mark.parametrize("name", CURVES)
+def test_adaptive_switch_waits_for_the_plateau(name):
+    losses, plateau = CURVES[name]
+    expected = reference_switch_step(losses)
+    assert expected is not None and plateau < expected < plateau + 3000
+    switch = AdaptiveSwitch()
+    assert switch.weight(0) == 1.0
+    assert drive(switch, losses) == expected
+    assert switch.weight(0) == 0.0 and switch.weight(5) == 0.0
+    assert float(switch.rho) >= 0.995
+
+
+def test_adaptive_switch_not_during_steady_decrease():
+    # a loss that keeps falling for the whole run never triggers the hand-over
+    losses = 1.0 - 0.8 * np.arange(6000) / 6000
+    assert reference_switch_step(losses) is None
+    switch = AdaptiveSwitch()
+    assert drive(switch, losses) is None
+    assert switch.weight(0) == 1.0 and int(switch.switch_step) == -1
+    assert float(switch.rho) < 0.995
+
+
+def test_adaptive_switch_on_flat_loss_and_custom_threshold():
+    losses = np.full(5000, 0.5)
+    assert drive(AdaptiveSwitch(), losses) == reference_switch_step(losses)
+    strict, loose = build_switch("adaptive:0.9999", 10), build_switch("adaptive:0.9", 10)
+    assert isinstance(strict, AdaptiveSwitch) and strict.threshold == 0.9999
+    s_strict, s_loose = drive(strict, losses), drive(loose, losses)
+    assert s_strict == reference_switch_step(losses, 0.9999)
+    assert s_loose == reference_switch_step(losses, 0.9)
+    assert s_loose < s_strict
+
+
+def test_adaptive_switch_is_final():
+    losses = np.full(3000, 0.5)
+    switch = AdaptiveSwitch()
+    step = drive(switch, losses)
+    switch.update(5.0, step + 1, 0)  # a later spike does not switch back or move the step
+    switch.record_switch(step + 2)
+    assert bool(switch.switched) and int(switch.switch_step) == step and switch.weight(0) == 0.0
+
+
+def test_adaptive_switch_state_survives_state_dict():
+    losses, _ = CURVES["exponential"]
+    expected = reference_switch_step(losses)
+    first = AdaptiveSwitch()
+    assert drive(first, losses[:3000]) is None
+    state = copy.deepcopy(first.state_dict())
+    assert {"loss_fast", "loss_slow", "rho", "switched", "switch_step"} <= set(state)
+    resumed = AdaptiveSwitch()
+    resumed.load_state_dict(state)
+    assert float(resumed.loss_fast) == float(first.loss_fast)
+    assert drive(resumed, losses, start=3000) == expected
+    # and a switched controller stays switched after a round trip
+    again = AdaptiveSwitch()
+    again.load_state_dict(resumed.state_dict())
+    assert bool(again.switched) and int(again.switch_step) == expected and again.weight(0) == 0.0
+
+
+# --- constant / never / build_switch --------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction,epochs,rela_epochs", [(0.5, 2, 1), (0.5, 4, 2), (0.3, 10, 3), (0.0, 5, 0),
+                                                         (1.0, 3, 3)])
+def test_constant_switch_weight_by_epoch(fraction, epochs, rela_epochs):
+    switch = build_switch(f"constant:{fraction}", epochs)
+    assert isinstance(switch, ConstantSwitch)
+    weights = [switch.weight(e) for e in range(epochs)]
+    assert weights == [1.0] * rela_epochs + [0.0] * (epochs - rela_epochs)
+    switch.update(0.1, 0, 0)  # the loss does not matter to a constant schedule
+    assert [switch.weight(e) for e in range(epochs)] == weights
+
+
+def test_never_switch():
+    switch = build_switch("never", 3)
+    assert isinstance(switch, NeverSwitch)
+    for step in range(2000):
+        switch.update(0.5, step, 0)
+    assert all(switch.weight(e) == 1.0 for e in range(3))
+    assert not bool(switch.switched)
+
+
+def test_build_switch_defaults():
+    switch = build_switch("adaptive", 5)
+    assert isinstance(switch, AdaptiveSwitch)
+    assert (switch.threshold, switch.fast_decay, switch.slow_decay) == (0.995, 0.999, 0.99)
+    assert float(switch.loss_fast) == 1.0 and float(switch.loss_slow) == 2.0
+
+
+@pytest.mark.parametrize("spec", ["sometimes", "constant", "constant:abc", "constant:1.5", "constant:-0.1",
+                                  "adaptive:high", "never:3", ""])
+def test_bad_switch_specs_raise(spec):
+    with pytest.raises(RelaError, match="switch"):
+        build_switch(spec, 10)
+
+
+# --- BYOL, the base method -------------------------------------------------------------
+
+
+@pytest.fixture
+def byol():
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("convnet", 3, 16)
+    return build_method("byol", backbone, dim, 10, hidden_dim=64, out_dim=32)
+
+
+def test_unknown_method():
+    backbone, dim = build_backbone("convnet", 3, 16)
+    with pytest.raises(RelaError, match="'simclr'"):
+        build_method("simclr", backbone, dim, 10)
+
+
+def test_byol_loss_is_symmetrised_negative_cosine(byol):
+    torch.manual_seed(1)
+    x0, x1 = torch.rand(6, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    byol.train()
+    out = byol([x0, x1], torch.zeros(6, dtype=torch.long))
+    assert torch.isfinite(out.loss) and -1.0 <= out.loss.item() <= 1.0
+    assert out.features.shape == (6, 128)
+
+    def cos(a, b):
+        return torch.nn.functional.cosine_similarity(a, b, dim=1).mean()
+
+    # recompute with the same modules (BatchNorm in train mode sees the same batches in the same order)
+    byol_copy = copy.deepcopy(byol)
+    torch.manual_seed(1)
+    h0, h1 = byol_copy.backbone(x0).flatten(1), byol_copy.backbone(x1).flatten(1)
+    p0 = byol_copy.prediction_head(byol_copy.projection_head(h0))
+    p1 = byol_copy.prediction_head(byol_copy.projection_head(h1))
+    with torch.no_grad():
+        z1 = byol_copy.projection_head_momentum(byol_copy.backbone_momentum(x1).flatten(1))
+        z0 = byol_copy.projection_head_momentum(byol_copy.backbone_momentum(x0).flatten(1))
+    expected = -0.5 * (cos(p0, z1) + cos(p1, z0))
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_byol_gradients_reach_online_networks_only(byol):
+    x0, x1 = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)
+    byol([x0, x1], torch.zeros(4, dtype=torch.long)).loss.backward()
+    assert all(p.grad is not None for p in byol.backbone.parameters())
+    assert all(p.grad is not None for p in byol.prediction_head.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in byol.backbone_momentum.parameters())
+    assert all(not p.requires_grad for p in byol.projection_head_momentum.parameters())
+
+
+def _online_momentum_pairs(byol):
+    return (list(zip(byol.backbone.parameters(), byol.backbone_momentum.parameters()))
+            + list(zip(byol.projection_head.parameters(), byol.projection_head_momentum.parameters())))
+
+
+def _distance(byol):
+    return sum((o - m).pow(2).sum().item() for o, m in _online_momentum_pairs(byol))
+
+
+def expected_momentum(step, max_steps, start=0.99, end=1.0):
+    """Cosine schedule from start to end over max_steps (lightly's convention: end reached at max_steps - 1)."""
+    return end - (end - start) * (math.cos(math.pi * step / (max_steps - 1)) + 1) / 2
+
+
+@pytest.mark.parametrize("step,max_steps", [(0, 100), (30, 100), (80, 100)])
+def test_byol_momentum_moves_toward_online_with_cosine_schedule(byol, step, max_steps):
+    with torch.no_grad():  # the online networks take an optimiser step away from the momentum copy
+        for p in list(byol.backbone.parameters()) + list(byol.projection_head.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    before = [m.detach().clone() for _, m in _online_momentum_pairs(byol)]
+    dist_before = _distance(byol)
+    byol.update_momentum(step, max_steps)
+    m = expected_momentum(step, max_steps)
+    assert 0.99 <= m < 1.0
+    for (online, momentum), old in zip(_online_momentum_pairs(byol), before):
+        torch.testing.assert_close(momentum, m * old + (1 - m) * online, atol=1e-6, rtol=1e-5)
+    assert _distance(byol) < dist_before
+    assert _distance(byol) == pytest.approx(m ** 2 * dist_before, rel=1e-3)
+
+
+def test_byol_momentum_frozen_at_the_end_of_the_schedule(byol):
+    with torch.no_grad():
+        for p in byol.backbone.parameters():
+            p.add_(0.1)
+    before = [m.detach().clone() for _, m in _online_momentum_pairs(byol)]
+    byol.update_momentum(99, 100)  # m = 1 at the last step
+    for (_, momentum), old in zip(_online_momentum_pairs(byol), before):
+        assert torch.equal(momentum, old)
