@@ -22,7 +22,7 @@ TRAIN_FLAGS = {
     "--test-limit": (int, "use only the first N test images"),
     "--image-size": (int, "imagefolder: side length images are resized to"),
     "--backbone": (str, "learner: convnet | resnet-narrow | resnet18 | torchvision:NAME | timm:NAME"),
-    "--method": (str, "base method: byol"),
+    "--method": (str, "base method: byol | simclr | mocov2 | simsiam | barlowtwins | vicreg | dino | supervised"),
     "--prior": (str, "none | random | random:ARCH | checkpoint:PATH | torchvision:NAME | timm:NAME"),
     "--prior-weights": (str, "local state_dict file for a torchvision/timm prior (offline use)"),
     "--prior-seed": (int, "seed of a random prior (default: --seed + 1)"),

@@ -45,6 +45,12 @@ RELA_VIEW = ViewAugment(crop_scale=(0.5, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitt
 # the authors drop it too.
 BYOL_VIEW_1 = ViewAugment(solarize_p=0.0)
 BYOL_VIEW_2 = ViewAugment(solarize_p=0.2)
+SIMCLR_VIEW = ViewAugment(jitter=(0.8, 0.8, 0.8, 0.2))
+MOCO_VIEW = ViewAugment(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1))
+SIMSIAM_VIEW = ViewAugment(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1))
+DINO_VIEW_1 = ViewAugment(crop_scale=(0.4, 1.0))  # DINO's global crops
+DINO_VIEW_2 = ViewAugment(crop_scale=(0.4, 1.0), solarize_p=0.2)
+SUPERVISED_VIEW = ViewAugment(crop_scale=(0.5, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, gray_p=0.0)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,12 @@ phase too, so the teacher follows the student through the hand-over.
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import torch
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from rela.data.augment import ViewAugment
@@ -30,9 +33,55 @@ class Method(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.num_classes = num_classes
+        self._momentum_pairs: list[tuple[str, str]] = []
+        self.momentum_range = (0.99, 1.0)
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> MethodOutput:
         raise NotImplementedError
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x).flatten(1)
+
+    # --- momentum (EMA) networks, for the methods that have them -----------------------
+    def add_momentum_copies(self, *names: str, momentum: tuple[float, float] = (0.99, 1.0),
+                            **fresh: nn.Module) -> None:
+        """Create ``<name>_momentum``: a frozen copy of ``<name>`` that follows it by EMA.
+
+        Modules that cannot be deep-copied (weight-normed heads) are passed as
+        ``name=freshly_built_module`` and receive the online weights.
+        """
+        for name in (*names, *fresh):
+            if name in fresh:
+                ema = fresh[name]
+                ema.load_state_dict(getattr(self, name).state_dict())
+            else:
+                ema = copy.deepcopy(getattr(self, name))
+            deactivate_requires_grad(ema)
+            setattr(self, f"{name}_momentum", ema)
+            self._momentum_pairs.append((name, f"{name}_momentum"))
+        self.momentum_range = momentum
+
     def update_momentum(self, step: int, max_steps: int) -> None:
-        """Move momentum networks toward the online ones; methods without any do nothing."""
+        """EMA update with lightly's cosine momentum schedule; methods without copies do nothing."""
+        if not self._momentum_pairs:
+            return
+        m = cosine_schedule(step, max_steps, *self.momentum_range)
+        for online, ema in self._momentum_pairs:
+            update_momentum(getattr(self, online), getattr(self, ema), m)
+
+    @torch.no_grad()
+    def embed_momentum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone_momentum(x).flatten(1)
+
+
+class TwoViewMethod(Method):
+    """Methods whose loss compares the projections of two views: SimCLR, Barlow Twins, VICReg."""
+
+    def __init__(self, backbone, feature_dim, num_classes, projection_head: nn.Module, criterion: nn.Module):
+        super().__init__(backbone, feature_dim, num_classes)
+        self.projection_head = projection_head
+        self.criterion = criterion
+
+    def forward(self, views, labels) -> MethodOutput:
+        h0, h1 = self.embed(views[0]), self.embed(views[1])
+        return MethodOutput(self.criterion(self.projection_head(h0), self.projection_head(h1)), h0)

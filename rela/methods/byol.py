@@ -1,14 +1,10 @@
-"""BYOL (Grill et al., 2020) from lightly's parts."""
+"""BYOL (Grill et al., 2020): predict the momentum network's projection of the other view."""
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
 
 from rela.data.augment import BYOL_VIEW_1, BYOL_VIEW_2
 from rela.methods.base import Method, MethodOutput
@@ -22,25 +18,16 @@ class BYOL(Method):
         super().__init__(backbone, feature_dim, num_classes)
         self.projection_head = BYOLProjectionHead(feature_dim, hidden_dim, out_dim)
         self.prediction_head = BYOLPredictionHead(out_dim, hidden_dim, out_dim)
-        self.backbone_momentum = copy.deepcopy(backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.backbone_momentum)
-        deactivate_requires_grad(self.projection_head_momentum)
-        self.momentum = momentum
+        self.add_momentum_copies("backbone", "projection_head", momentum=momentum)
         self.criterion = NegativeCosineSimilarity()
 
-    def update_momentum(self, step: int, max_steps: int) -> None:
-        m = cosine_schedule(step, max_steps, *self.momentum)
-        update_momentum(self.backbone, self.backbone_momentum, m)
-        update_momentum(self.projection_head, self.projection_head_momentum, m)
-
+    @torch.no_grad()
     def _target(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.projection_head_momentum(self.backbone_momentum(x).flatten(1))
+        return self.projection_head_momentum(self.embed_momentum(x))
 
     def forward(self, views, labels) -> MethodOutput:
         x0, x1 = views
-        h0, h1 = self.backbone(x0).flatten(1), self.backbone(x1).flatten(1)
+        h0, h1 = self.embed(x0), self.embed(x1)
         p0 = self.prediction_head(self.projection_head(h0))
         p1 = self.prediction_head(self.projection_head(h1))
         loss = 0.5 * (self.criterion(p0, self._target(x1)) + self.criterion(p1, self._target(x0)))

@@ -1,0 +1,16 @@
+"""SimCLR (Chen et al., 2020): NT-Xent over the projections of two views."""
+
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+
+from rela.data.augment import SIMCLR_VIEW
+from rela.methods.base import TwoViewMethod
+
+
+class SimCLR(TwoViewMethod):
+    views = (SIMCLR_VIEW, SIMCLR_VIEW)
+
+    def __init__(self, backbone, feature_dim, num_classes, hidden_dim: int = 1024, out_dim: int = 128,
+                 temperature: float = 0.5):
+        super().__init__(backbone, feature_dim, num_classes, SimCLRProjectionHead(feature_dim, hidden_dim, out_dim),
+                         NTXentLoss(temperature=temperature))
