@@ -1,0 +1,71 @@
+"""Every method with and without ReLA (random-init prior) at one reduced budget on Fashion-MNIST.
+
+    .venv/bin/python benchmarks/methods.py                 # default budget, 1 seed
+    .venv/bin/python benchmarks/methods.py --seeds 0 1 2   # mean ± std over seeds
+
+Writes benchmarks/results/methods.json (one object per run; reruns skip finished
+runs) and methods.md (the table). Run folders go to runs/bench-methods/.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rela.benchmarking import ResultsFile, fmt, train_and_evaluate
+from rela.config import TrainConfig
+from rela.methods import METHODS
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--backbone", default="convnet")
+    p.add_argument("--runs-dir", default="runs/bench-methods")
+    p.add_argument("--results", default=str(RESULTS / "methods.json"))
+    args = p.parse_args()
+
+    results = ResultsFile(args.results, meta={"ratio": args.ratio, "epochs": args.epochs,
+                                              "backbone": args.backbone, "dataset": "fashion-mnist"})
+    for seed in args.seeds:
+        for method in args.methods:
+            for prior in ("none", "random"):
+                key = dict(method=method, prior=prior, seed=seed, ratio=args.ratio, epochs=args.epochs,
+                           backbone=args.backbone)
+                if results.find(**key):
+                    continue
+                out = Path(args.runs_dir) / f"{method}-{prior}-r{args.ratio}-e{args.epochs}-s{seed}"
+                print(f"[methods] {method} prior={prior} seed={seed} -> {out}", flush=True)
+                m = train_and_evaluate(TrainConfig(
+                    dataset="fashion-mnist", method=method, prior=prior, ratio=args.ratio, epochs=args.epochs,
+                    seed=seed, backbone=args.backbone, out=str(out), progress=False, probe_every=0))
+                results.add({**key, **{k: m[k] for k in (
+                    "knn_top1", "linear_top1", "train_seconds", "bank_seconds", "wall_seconds", "steps",
+                    "images_seen", "switch_step")}})
+    write_table(results.runs, Path(args.results).with_suffix(".md"), args)
+
+
+def write_table(runs: list[dict], path: Path, args) -> None:
+    lines = [f"Fashion-MNIST, {args.backbone}, budget {args.epochs} epochs x ratio {args.ratio} "
+             f"(seeds: {sorted({r['seed'] for r in runs})}). ReLA = random-init prior, adaptive switch.", "",
+             "| method | k-NN top-1 (none) | k-NN top-1 (ReLA) | linear top-1 (none) | linear top-1 (ReLA) "
+             "| train s (none) | train s + bank s (ReLA) |", "|" + "---|" * 7]
+    for method in dict.fromkeys(r["method"] for r in runs):
+        base = [r for r in runs if r["method"] == method and r["prior"] == "none"]
+        rela = [r for r in runs if r["method"] == method and r["prior"] == "random"]
+        lines.append(
+            f"| {method} | {fmt([r['knn_top1'] for r in base], 100)} | {fmt([r['knn_top1'] for r in rela], 100)} "
+            f"| {fmt([r['linear_top1'] for r in base], 100)} | {fmt([r['linear_top1'] for r in rela], 100)} "
+            f"| {fmt([r['train_seconds'] for r in base], 1, 0)} "
+            f"| {fmt([r['train_seconds'] + r['bank_seconds'] for r in rela], 1, 0)} |")
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
