@@ -12,6 +12,7 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -182,14 +183,23 @@ def _check_out_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one training job as configured; returns the metrics written to ``metrics.json``."""
+@dataclass
+class Prepared:
+    """Everything a run needs, resolved and checked, before any output is written."""
+
+    module: ReLAModule
+    train_set: ImageDataset
+    test_set: ImageDataset | None
+    feature_dim: int
+    bank_info: dict
+    device: str
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Steps 1-3 of the pipeline: data, learner + method, prior -> bank -> accelerator."""
     cfg.validate()
-    out = _check_out_dir(cfg)
-    wall_start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
-
     # 1. data
     train_set = load_dataset(cfg.dataset, "train", cfg.data_root, cfg.download, cfg.train_limit, cfg.image_size)
     test_set = (load_dataset(cfg.dataset, "test", cfg.data_root, cfg.download, cfg.test_limit, cfg.image_size)
@@ -210,14 +220,24 @@ def train(cfg: TrainConfig) -> dict:
         info.update(prior_name=prior.name, target_dim=targets.values.shape[1],
                     target_explained_variance=targets.explained_variance)
         rela = ReLAAccelerator(feature_dim, targets.values, build_switch(cfg.switch, cfg.epochs))
+    module = ReLAModule(cfg, method, rela, train_set)
+    return Prepared(module, train_set, test_set, feature_dim, info, device)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training job as configured; returns the metrics written to ``metrics.json``."""
+    cfg.validate()
+    out = _check_out_dir(cfg)
+    wall_start = time.perf_counter()
+    run = prepare(cfg)
+    module, train_set = run.module, run.train_set
     # 4. fit
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg.to_dict(), out / "config.yaml")
-    module = ReLAModule(cfg, method, rela, train_set)
     callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
                                  every_n_epochs=1, enable_version_counter=False)]
-    if test_set is not None:
-        callbacks.insert(0, CostCurveProbe(train_set, test_set, cfg.probe_every))
+    if run.test_set is not None:
+        callbacks.insert(0, CostCurveProbe(train_set, run.test_set, cfg.probe_every))
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
@@ -234,16 +254,17 @@ def train(cfg: TrainConfig) -> dict:
     # 5. outputs
     save_torch({"format": BACKBONE_FILE_FORMAT, "arch": cfg.backbone, "channels": train_set.channels,
                 "image_size": train_set.image_size, "mean": list(train_set.mean), "std": list(train_set.std),
-                "feature_dim": feature_dim, "state_dict": {k: v.cpu() for k, v in backbone.state_dict().items()}},
+                "feature_dim": run.feature_dim,
+                "state_dict": {k: v.cpu() for k, v in module.method.backbone.state_dict().items()}},
                out / "backbone.pt")
     switch_step = module.switch_step
     metrics = {
         "dataset": cfg.dataset, "method": cfg.method, "prior": cfg.prior, "backbone": cfg.backbone,
-        "ratio": cfg.ratio, "epochs": cfg.epochs, "seed": cfg.seed, "feature_dim": feature_dim,
+        "ratio": cfg.ratio, "epochs": cfg.epochs, "seed": cfg.seed, "feature_dim": run.feature_dim,
         **module.budget, "switch_step": switch_step,
-        "rela_steps": (switch_step if switch_step is not None else module.budget["steps"]) if rela else 0,
-        "wall_seconds": time.perf_counter() - wall_start, "history": module.history, **info,
-        "device": device, "precision": _precision(cfg),
+        "rela_steps": (switch_step if switch_step is not None else module.budget["steps"]) if module.rela else 0,
+        "wall_seconds": time.perf_counter() - wall_start, "history": module.history, **run.bank_info,
+        "device": run.device, "precision": _precision(cfg),
     }
     save_json(metrics, out / "metrics.json")
     return metrics
