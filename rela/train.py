@@ -128,10 +128,18 @@ class ReLAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rela_budget"] = dict(self.budget)
         checkpoint["rela_history"] = list(self.history)
+        # Augmentations draw from the global RNGs; saving them makes a resumed run repeat exactly.
+        checkpoint["rela_rng"] = {"cpu": torch.get_rng_state(),
+                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.budget = dict(checkpoint.get("rela_budget", self.budget))
         self.history = list(checkpoint.get("rela_history", []))
+        rng = checkpoint.get("rela_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     @property
     def switch_step(self) -> int | None:
