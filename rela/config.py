@@ -5,10 +5,35 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import get_args, get_type_hints
 
+import torch
 import yaml
 
 from rela.errors import RelaError
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+
+def _coerce(value, hint, where: str):
+    """Check a YAML value against the field's type; numbers written as strings (YAML's 1e-3) become floats."""
+    options = get_args(hint) or (hint,)
+    if value is None and type(None) in options:
+        return None
+    for kind in (bool, int, float, str, dict):
+        if kind not in options:
+            continue
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (bool, str, dict) and isinstance(value, kind):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise RelaError(f"{where} must be {names}, got {value!r}")
 
 
 @dataclass
@@ -70,6 +95,15 @@ class TrainConfig:
         kind = self.prior.partition(":")[0]
         if kind not in {c.partition(":")[0] for c in PRIOR_CHOICES}:
             raise RelaError(f"unknown prior {self.prior!r}; valid choices: {', '.join(PRIOR_CHOICES)}")
+        if not isinstance(self.probe_every, int) or self.probe_every < 0:
+            raise RelaError(f"probe_every must be an integer >= 0, got {self.probe_every!r}")
+        if self.accelerator not in ACCELERATORS:
+            raise RelaError(f"unknown accelerator {self.accelerator!r}; valid choices: {', '.join(ACCELERATORS)}")
+        if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise RelaError(f"accelerator {self.accelerator!r} asked for, but no CUDA device is available")
+        from rela.accelerator import build_switch
+
+        build_switch(self.switch, self.epochs)  # raises on a bad spec, before any work is done
         if self.precision not in ("auto", "32-true", "32", "16-mixed", "bf16-mixed"):
             raise RelaError(f"unknown precision {self.precision!r}; valid choices: auto, 32-true, 16-mixed, bf16-mixed")
         return self
@@ -88,7 +122,8 @@ class TrainConfig:
         if unknown_keys:
             raise RelaError(f"{source}: unknown field(s) {', '.join(unknown_keys)}; "
                             f"valid fields: {', '.join(known)}")
-        return cls(**data)
+        hints = get_type_hints(cls)
+        return cls(**{k: _coerce(v, hints[k], f"{source}: field {k!r}") for k, v in data.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":

@@ -24,18 +24,18 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     """Top-1 of cosine k-NN with votes weighted by exp(similarity / temperature), for each k."""
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
-    ks = [min(k, len(train)) for k in ks]
-    correct = dict.fromkeys(ks, 0)
+    effective = {k: min(k, len(train)) for k in ks}  # a k above the training-set size means "all"
+    correct = dict.fromkeys(set(effective.values()), 0)
     for start in range(0, len(test), chunk):
         sim = test[start: start + chunk] @ train.T
-        top_sim, top_idx = sim.topk(max(ks), dim=1)
+        top_sim, top_idx = sim.topk(max(correct), dim=1)
         weights = (top_sim / temperature).exp()
         neighbour_labels = train_labels[top_idx]
         truth = test_labels[start: start + chunk]
-        for k in ks:
+        for k in correct:
             votes = torch.zeros(len(sim), num_classes).scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
             correct[k] += (votes.argmax(1) == truth).sum().item()
-    return {k: correct[k] / len(test) for k in ks}
+    return {k: correct[effective[k]] / len(test) for k in ks}
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int, *,

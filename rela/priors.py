@@ -111,6 +111,9 @@ def load_backbone_prior(path: str) -> Prior:
                  tuple(blob["mean"]), tuple(blob["std"]), blob["channels"])
 
 
+CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "heads.")
+
+
 def _load_state_dict(model: nn.Module, weights: str, what: str) -> None:
     path = Path(weights)
     if not path.is_file():
@@ -119,11 +122,18 @@ def _load_state_dict(model: nn.Module, weights: str, what: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise RelaError(f"cannot read prior weights {path}: {type(e).__name__}: {e}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Classifier weights in the file are expected (we removed the classifier); missing trunk weights are not.
-    if missing:
-        raise RelaError(f"prior weights {path} do not fit {what}: missing {missing[:5]}")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RelaError(f"prior weights {path} must hold a state_dict (a mapping of names to tensors)")
+    # The file may carry the classifier we removed; any other extra or missing key means another model.
+    extra = [k for k in state if k not in model.state_dict() and not k.startswith(CLASSIFIER_PREFIXES)]
+    try:
+        missing, _ = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise RelaError(f"prior weights {path} do not fit {what}: {e}") from None
+    if missing or extra:
+        raise RelaError(f"prior weights {path} do not fit {what}: missing {missing[:5]}, unexpected {extra[:5]}")
 
 
 def _torchvision_prior(name: str, weights: str | None) -> Prior:

@@ -30,7 +30,7 @@ from rela.config import TrainConfig
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize, load_dataset
 from rela.errors import RelaError
 from rela.evaluate import backbone_features, knn_accuracy
-from rela.io import save_json, save_torch, save_yaml
+from rela.io import load_json, save_json, save_torch, save_yaml
 from rela.methods import Method, build_method
 from rela.priors import BACKBONE_FILE_FORMAT, build_prior
 
@@ -53,6 +53,8 @@ class ReLAModule(L.LightningModule):
         self.history: list[dict] = []
         self._rela_loss: torch.Tensor | None = None
         self._batch_start = 0.0
+        self.wall_start = time.perf_counter()
+        self.wall_before = 0.0  # wall seconds spent by earlier processes of a resumed run
 
     # --- data -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -128,6 +130,7 @@ class ReLAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rela_budget"] = dict(self.budget)
         checkpoint["rela_history"] = list(self.history)
+        checkpoint["rela_wall_seconds"] = self.wall_seconds()
         # Augmentations draw from the global RNGs; saving them makes a resumed run repeat exactly.
         checkpoint["rela_rng"] = {"cpu": torch.get_rng_state(),
                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -135,11 +138,15 @@ class ReLAModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.budget = dict(checkpoint.get("rela_budget", self.budget))
         self.history = list(checkpoint.get("rela_history", []))
+        self.wall_before = checkpoint.get("rela_wall_seconds", 0.0)
         rng = checkpoint.get("rela_rng")
         if rng is not None:
             torch.set_rng_state(rng["cpu"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.wall_start
 
     @property
     def switch_step(self) -> int | None:
@@ -242,6 +249,7 @@ def train(cfg: TrainConfig) -> dict:
     # 4. fit
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg.to_dict(), out / "config.yaml")
+    _keep_previous_log(out / "logs" / "metrics.csv")
     callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
                                  every_n_epochs=1, enable_version_counter=False)]
     if run.test_set is not None:
@@ -256,7 +264,9 @@ def train(cfg: TrainConfig) -> dict:
         log_every_n_steps=10, use_distributed_sampler=False, num_sanity_val_steps=0,
     )
     last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(module, ckpt_path=str(last) if cfg.resume and last.is_file() else None)
+    resuming = cfg.resume and last.is_file()
+    module.wall_start = wall_start
+    trainer.fit(module, ckpt_path=str(last) if resuming else None)
     if not trainer.is_global_zero:
         return {}
     # 5. outputs
@@ -266,13 +276,25 @@ def train(cfg: TrainConfig) -> dict:
                 "state_dict": {k: v.cpu() for k, v in module.method.backbone.state_dict().items()}},
                out / "backbone.pt")
     switch_step = module.switch_step
+    previous = load_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
     metrics = {
         "dataset": cfg.dataset, "method": cfg.method, "prior": cfg.prior, "backbone": cfg.backbone,
         "ratio": cfg.ratio, "epochs": cfg.epochs, "seed": cfg.seed, "feature_dim": run.feature_dim,
         **module.budget, "switch_step": switch_step,
         "rela_steps": (switch_step if switch_step is not None else module.budget["steps"]) if module.rela else 0,
-        "wall_seconds": time.perf_counter() - wall_start, "history": module.history, **run.bank_info,
+        "wall_seconds": module.wall_seconds(), "history": module.history, **run.bank_info,
         "device": run.device, "precision": _precision(cfg),
     }
+    if previous.get("steps") == metrics["steps"]:  # resumed a finished run: its evaluation still holds
+        metrics.update({k: v for k, v in previous.items() if k.endswith("_top1") or k == "eval_test_images"})
     save_json(metrics, out / "metrics.json")
     return metrics
+
+
+def _keep_previous_log(csv: Path) -> None:
+    """Lightning's CSV logger empties its folder's metrics.csv; keep a resumed run's earlier log."""
+    if csv.is_file():
+        k = 1
+        while (kept := csv.with_name(f"metrics.{k}.csv")).exists():
+            k += 1
+        csv.rename(kept)

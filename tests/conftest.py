@@ -93,3 +93,11 @@ def none_run(tmp_path_factory) -> Path:
     """Plain BYOL (no prior), trained and evaluated (probe every epoch)."""
     base = tmp_path_factory.mktemp("none_run")
     return _train_and_eval(base / "run", base / "cache", ["--prior", "none", "--probe-every", "1", "--seed", "0"])
+
+
+@pytest.fixture(scope="session")
+def constant_run(tmp_path_factory) -> Path:
+    """ReLA for the first half of the epochs (constant:0.5), then BYOL; trained and evaluated."""
+    base = tmp_path_factory.mktemp("constant_run")
+    return _train_and_eval(base / "run", base / "cache",
+                           ["--prior", "random", "--switch", "constant:0.5", "--probe-every", "1"])

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from rela.accelerator import (AdaptiveSwitch, ConstantSwitch, NeverSwitch, ReLAAccelerator, Switch, build_switch,
-                              rela_loss)
+from rela.accelerator import (
+    AdaptiveSwitch,
+    ConstantSwitch,
+    NeverSwitch,
+    ReLAAccelerator,
+    Switch,
+    build_switch,
+    rela_loss,
+)
 from rela.backbones import build_backbone
 from rela.errors import RelaError
 from rela.methods import build_method
@@ -207,8 +214,8 @@ def byol():
 
 def test_unknown_method():
     backbone, dim = build_backbone("convnet", 3, 16)
-    with pytest.raises(RelaError, match="'simclr'"):
-        build_method("simclr", backbone, dim, 10)
+    with pytest.raises(RelaError, match="'no-such-method'"):
+        build_method("no-such-method", backbone, dim, 10)
 
 
 def test_byol_loss_is_symmetrised_negative_cosine(byol):

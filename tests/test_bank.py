@@ -50,7 +50,7 @@ def test_transport_components_match_eigh_of_covariance():
     m = 3
     z = transport(torch.from_numpy(y).float(), m).values.numpy().astype(np.float64)
     yc = y - y.mean(0)
-    eigvals, eigvecs = np.linalg.eigh(np.cov(y, rowvar=False))
+    _, eigvecs = np.linalg.eigh(np.cov(y, rowvar=False))
     top = eigvecs[:, ::-1][:, :m]  # descending variance
     # Same subspace: the targets are a per-column rescaling of the projections, so regressing the
     # numpy projections on the targets leaves (almost) no residual.
@@ -144,7 +144,7 @@ def test_cache_miss_then_hit_returns_identical_features(tmp_path, data):
 
 def test_changed_prior_or_dataset_misses(tmp_path, data):
     _, info1 = load_or_extract(_prior(data, seed=0), data, cache_dir=tmp_path, progress=False)
-    feats2, info2 = load_or_extract(_prior(data, seed=1), data, cache_dir=tmp_path, progress=False)
+    _, info2 = load_or_extract(_prior(data, seed=1), data, cache_dir=tmp_path, progress=False)
     assert info2["bank_cache_hit"] is False
     assert info2["bank_key"] != info1["bank_key"] and info2["bank_file"] != info1["bank_file"]
     assert len(list(tmp_path.iterdir())) == 2
@@ -164,7 +164,7 @@ def test_bank_of_another_dataset_via_explicit_path_is_rejected(tmp_path, data):
     assert path.is_file()
     with pytest.raises(RelaError, match="my-bank.pt") as e:
         load_or_extract(_prior(data), data, path=path, progress=False)
-    assert "synthetic:train" in str(e.value)
+    assert "synthetic:80:train" in str(e.value) and "synthetic:64:train" in str(e.value)
 
 
 def test_truncated_bank_file_is_rejected(tmp_path, data):

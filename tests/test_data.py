@@ -7,9 +7,9 @@ import gzip
 import numpy as np
 import pytest
 import torch
+from conftest import FASHION_MNIST_ROOT, make_fashion_root, write_idx
 from PIL import Image
 
-from conftest import FASHION_MNIST_ROOT, make_fashion_root, write_idx
 from rela.data import DynamicSubsetSampler, Normalize, ViewAugment, load_dataset, resize_center
 from rela.data.augment import RELA_VIEW, grayscale, random_grayscale
 from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD, read_idx
@@ -353,8 +353,6 @@ def test_unknown_dataset_and_split():
         load_dataset("synthetic", "validation")
 
 
-@pytest.mark.xfail(reason="BUG: 'synthetic:abc' raises a bare ValueError (traceback in the CLI), "
-                          "'synthetic:0' gives an empty dataset that trains 0 steps", strict=True)
 @pytest.mark.parametrize("name", ["synthetic:abc", "synthetic:0"])
 def test_bad_synthetic_size_is_a_user_error(name):
     with pytest.raises(RelaError, match=name.split(":")[1]):

@@ -222,7 +222,10 @@ def synthetic(name: str = "synthetic", split: str = "train", n: int | None = Non
     """
     size, classes = 16, 10
     if n is None:
-        n_train = int(name.split(":", 1)[1]) if ":" in name else 512
+        arg = name.split(":", 1)[1] if ":" in name else "512"
+        if not arg.isdigit() or int(arg) < 1:
+            raise RelaError(f"bad dataset {name!r}: synthetic:N needs a whole number N >= 1")
+        n_train = int(arg)
         n = n_train if split == "train" else max(n_train // 2, classes)
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
     labels = torch.arange(n) % classes
@@ -236,4 +239,4 @@ def synthetic(name: str = "synthetic", split: str = "train", n: int | None = Non
     tint = torch.stack([(labels % 2), (labels // 2) % 2, (labels // 5) % 2], 1).float() * 0.5 + 0.25
     img = 0.5 + 0.35 * wave[:, None] * tint[:, :, None, None] + 0.1 * torch.randn(n, 3, size, size, generator=g)
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
-    return ImageDataset("synthetic", split, images, labels, classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), name)
+    return ImageDataset(name, split, images, labels, classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), name)

@@ -1,0 +1,71 @@
+"""The demo's report: comparison table and accuracy-vs-cost plot, on metrics of real tiny runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FASHION_MNIST_ROOT, read_metrics
+from PIL import Image
+
+from rela.cli import main
+from rela.demo import format_table, plot_cost_curves
+
+
+@pytest.fixture(scope="module")
+def runs(none_run, random_run, constant_run):
+    return {"BYOL": read_metrics(none_run), "ReLA + BYOL": read_metrics(random_run),
+            "ReLA (constant:0.5) + BYOL": read_metrics(constant_run)}
+
+
+def test_format_table(runs):
+    table = format_table(runs)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(runs)
+    assert lines[0].startswith("| run |") and lines[1].startswith("|---|")
+    for line, (label, m) in zip(lines[2:], runs.items()):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == label
+        assert cells[1] == str(m["steps"]) and cells[2] == str(m["images_seen"])
+        assert float(cells[3]) == pytest.approx(m["train_seconds"], abs=0.05)
+        assert cells[5] == ("-" if m["switch_step"] is None else str(m["switch_step"]))
+        assert float(cells[6]) == pytest.approx(100 * m["knn_top1"], abs=0.005)
+        assert float(cells[7]) == pytest.approx(100 * m["linear_top1"], abs=0.005)
+    assert lines[-1].split("|")[6].strip() == str(runs["ReLA (constant:0.5) + BYOL"]["switch_step"])
+
+
+def test_plot_cost_curves_writes_a_png(runs, tmp_path):
+    path = tmp_path / "cost.png"
+    plot_cost_curves(runs, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.size == (720, 480)  # 6 x 4 inches at 120 dpi
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) > 10  # not a blank canvas: axes, curves, legend
+
+
+@pytest.mark.skipif(not (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_demo_command_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the demo caches banks under ./.cache/rela
+    monkeypatch.delenv("RELA_DATA", raising=False)
+    args = ["demo", "--out", "demo", "--epochs", "1", "--ratio", "0.5", "--train-limit", "200",
+            "--data-root", str(FASHION_MNIST_ROOT), "--no-progress"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    out = tmp_path / "demo"
+    for name in ("demo_cost.png", "demo_summary.json", "demo_summary.md"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert len(summary) == 2
+    byol, rela = summary.values()
+    # the same budget for both: 1 epoch over round(0.5 * 200) images in one lowered batch
+    assert byol["steps"] == rela["steps"] == 1 and byol["images_seen"] == rela["images_seen"] == 100
+    assert byol["prior"] == "none" and rela["prior"] == "random"
+    assert (out / "demo_summary.md").read_text().strip() == format_table(summary)
+    assert format_table(summary) in first
+    # a second call reuses the finished runs instead of training again
+    assert main(args) == 0
+    second = capsys.readouterr().out
+    assert second.count("already finished") == 2
+    assert json.loads((out / "demo_summary.json").read_text()) == summary
