@@ -45,6 +45,7 @@ class TrainConfig:
     train_limit: int | None = None  # use only the first N training images
     test_limit: int | None = None
     image_size: int | None = None  # imagefolder: side the images are resized to (default 64)
+    holdout: int | None = None  # evaluate on the last N training images instead of the test split
     # learner and method
     backbone: str = "convnet"
     method: str = "byol"
@@ -58,6 +59,7 @@ class TrainConfig:
     # budget and optimisation
     ratio: float = 1.0
     epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (a budget that is not whole epochs)
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -83,7 +85,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RelaError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("train_limit", "test_limit", "image_size"):
+        for name in ("train_limit", "test_limit", "image_size", "holdout", "max_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise RelaError(f"{name} must be an integer >= 1, got {value!r}")
@@ -107,6 +109,14 @@ class TrainConfig:
         if self.precision not in ("auto", "32-true", "32", "16-mixed", "bf16-mixed"):
             raise RelaError(f"unknown precision {self.precision!r}; valid choices: auto, 32-true, 16-mixed, bf16-mixed")
         return self
+
+    def load_data(self, split: str):
+        """This run's training or evaluation split (the holdout split when ``holdout`` is set)."""
+        from rela.data import load_dataset
+
+        limit = self.train_limit if split == "train" else self.test_limit
+        return load_dataset(self.dataset, split, self.data_root, self.download, limit, self.image_size,
+                            holdout=self.holdout)
 
     @property
     def uses_rela(self) -> bool:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rela.config import TrainConfig
-from rela.data import Normalize, load_dataset
+from rela.data import Normalize
 from rela.data.augment import to_float
 from rela.errors import RelaError
 from rela.features import embed
@@ -88,9 +88,8 @@ def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data
     backbone = build_saved_backbone(blob)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
-    root = data_root or cfg.data_root
-    train = load_dataset(cfg.dataset, "train", root, False, cfg.train_limit, cfg.image_size)
-    test = load_dataset(cfg.dataset, "test", root, False, cfg.test_limit, cfg.image_size)
+    cfg.data_root, cfg.download = data_root or cfg.data_root, False
+    train, test = cfg.load_data("train"), cfg.load_data("test")
     normalize = Normalize(blob["mean"], blob["std"], blob["channels"])
     ftr = backbone_features(backbone, train.images, normalize, device=device, desc="eval: train" if progress else None)
     fte = backbone_features(backbone, test.images, normalize, device=device, desc="eval: test" if progress else None)
@@ -100,6 +99,7 @@ def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data
     results["linear_top1"] = linear_probe(ftr, train.labels, fte, test.labels, train.num_classes,
                                           epochs=linear_epochs, seed=cfg.seed)
     results["eval_test_images"] = len(test)
+    results["eval_split"] = test.split
     metrics = load_json(metrics_file) if metrics_file.is_file() else {}
     metrics.update(results)
     save_json(metrics, metrics_file)

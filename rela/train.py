@@ -27,7 +27,7 @@ from rela.accelerator import ReLAAccelerator, build_switch
 from rela.backbones import build_backbone
 from rela.bank import load_or_extract, transport
 from rela.config import TrainConfig
-from rela.data import DynamicSubsetSampler, ImageDataset, Normalize, load_dataset
+from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
 from rela.errors import RelaError
 from rela.evaluate import backbone_features, knn_accuracy
 from rela.io import load_json, save_json, save_torch, save_yaml
@@ -216,9 +216,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
     # 1. data
-    train_set = load_dataset(cfg.dataset, "train", cfg.data_root, cfg.download, cfg.train_limit, cfg.image_size)
-    test_set = (load_dataset(cfg.dataset, "test", cfg.data_root, cfg.download, cfg.test_limit, cfg.image_size)
-                if cfg.probe_every else None)
+    train_set = cfg.load_data("train")
+    test_set = cfg.load_data("test") if cfg.probe_every else None
     # 2. learner + base method
     backbone, feature_dim = build_backbone(cfg.backbone, train_set.channels, train_set.image_size)
     method = build_method(cfg.method, backbone, feature_dim, train_set.num_classes, **cfg.extra)
@@ -258,7 +257,7 @@ def train(cfg: TrainConfig) -> dict:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
     trainer = L.Trainer(
-        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, accelerator=cfg.accelerator, devices=cfg.devices,
         precision=_precision(cfg), logger=CSVLogger(out, name="logs", version=""),
         callbacks=callbacks, enable_progress_bar=cfg.progress, enable_model_summary=False,
         log_every_n_steps=10, use_distributed_sampler=False, num_sanity_val_steps=0,
@@ -286,7 +285,7 @@ def train(cfg: TrainConfig) -> dict:
         "device": run.device, "precision": _precision(cfg),
     }
     if previous.get("steps") == metrics["steps"]:  # resumed a finished run: its evaluation still holds
-        metrics.update({k: v for k, v in previous.items() if k.endswith("_top1") or k == "eval_test_images"})
+        metrics.update({k: v for k, v in previous.items() if k.endswith("_top1") or k in ("eval_test_images", "eval_split")})
     save_json(metrics, out / "metrics.json")
     return metrics
 

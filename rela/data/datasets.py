@@ -7,7 +7,7 @@ training device (see :mod:`rela.data.augment`) instead of per-image in
 worker processes.
 
 Names: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``imagefolder:PATH``,
-``synthetic``.
+``digits`` (scikit-learn's 8x8 digits at 28x28), ``synthetic``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from rela.errors import RelaError, unknown
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "synthetic")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "digits", "synthetic")
 FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -84,16 +84,32 @@ def load_dataset(
     download: bool = False,
     limit: int | None = None,
     image_size: int | None = None,
+    holdout: int | None = None,
 ) -> ImageDataset:
-    """Load ``split`` ("train" or "test") of the dataset called ``name``."""
+    """Load ``split`` ("train" or "test") of the dataset called ``name``.
+
+    With ``holdout=N`` the last N training images become the "test" split and the
+    rest the training split: a validation set for choosing settings without
+    touching the real test split.
+    """
     if split not in ("train", "test"):
         raise RelaError(f"unknown split {split!r}; valid choices: train, test")
+    if holdout:
+        full = load_dataset(name, "train", root, download, None, image_size)
+        if not 0 < holdout < len(full):
+            raise RelaError(f"holdout must be between 1 and {len(full) - 1} for {name}, got {holdout}")
+        keep = slice(None, len(full) - holdout) if split == "train" else slice(len(full) - holdout, None)
+        part = ImageDataset(full.name, f"{split}-holdout{holdout}", full.images[keep].clone(),
+                            full.labels[keep].clone(), full.num_classes, full.mean, full.std, full.source)
+        return part.subset(limit)
     if name == "fashion-mnist":
         ds = _fashion_mnist(split, root)
     elif name in ("cifar10", "cifar100"):
         ds = _cifar(name, split, root, download)
     elif name.startswith("imagefolder:"):
         ds = _image_folder(name, split, image_size or 64)
+    elif name == "digits":
+        ds = _digits(split)
     elif name == "synthetic" or name.startswith("synthetic:"):
         ds = synthetic(name, split)
     else:
@@ -211,6 +227,27 @@ def _image_folder(name: str, split: str, image_size: int) -> ImageDataset:
     labels = torch.tensor(folder.targets, dtype=torch.int64)
     ident = f"imagefolder:{base.resolve()}"
     return ImageDataset(ident, split, images, labels, len(folder.classes), IMAGENET_MEAN, IMAGENET_STD, str(split_dir))
+
+
+# --- scikit-learn's digits: a second, different small dataset -----------------------
+
+def _digits(split: str) -> ImageDataset:
+    """The 1,797 8x8 digits of scikit-learn, upsampled to 28x28 like MNIST; a fixed 80/20 split."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise RelaError("dataset 'digits' needs scikit-learn: pip install scikit-learn") from None
+    import torch.nn.functional as F
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(order))
+    idx = order[:cut] if split == "train" else order[cut:]
+    return ImageDataset("digits", split, images[idx], labels[idx], 10, (0.30,), (0.32,), "sklearn.datasets.load_digits")
 
 
 # --- synthetic (for tests) ------------------------------------------------------------
