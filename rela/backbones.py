@@ -113,6 +113,8 @@ def build_backbone(name: str, in_chans: int = 3, image_size: int = 32) -> tuple[
         net = _timm(name.split(":", 1)[1], in_chans)
     else:
         raise unknown("backbone", name, BACKBONE_CHOICES)
+    # Channels-last convolutions are 1.5-3x faster on CPU (oneDNN) and suit tensor cores on GPU.
+    net = net.to(memory_format=torch.channels_last)
     return net, feature_dim(net, in_chans, image_size)
 
 

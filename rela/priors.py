@@ -38,7 +38,7 @@ class Prior:
     channels: int = 3
 
     def __post_init__(self):
-        self.model.eval().requires_grad_(False)
+        self.model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.normalize = Normalize(self.mean, self.std, self.channels)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
