@@ -5,7 +5,20 @@ Run from the repository root::
     .venv/bin/python benchmarks/step_cost.py                      # convnet, batch 256, 20 timed steps
     .venv/bin/python benchmarks/step_cost.py --backbone resnet-narrow --steps 10
 
-What is measured (median seconds per optimizer step, after ``--warmup`` untimed steps):
+What is measured (median seconds per optimizer step, after ``--warmup`` untimed steps; the step
+measurements run in ``--rounds`` interleaved rounds and the medians pool all rounds' steps, so a
+slow drift of a shared machine hits every measurement alike). Every measurement also records the
+CPU cores that *other* processes used meanwhile (``foreign_cpu``): on 2 cores with 2 torch threads
+even one busy neighbour slows steps several-fold, and a disturbed measurement is re-run
+(``--retries``).
+
+Allocator: with glibc's defaults a PyTorch CPU process hands the big activation buffers back to
+the kernel after every step and page-faults them in again on the next one (~10-50k minor faults
+per step here). That costs a varying 10-40 % of a step and depends on the heap's history, so two
+measurements of the same code differ by more than the effects measured here. By default
+(``--malloc tuned``) the script therefore calls ``mallopt`` (mmap threshold 32 MiB, no trimming)
+before measuring; ``--malloc plain`` measures glibc's defaults, i.e. a ``rela train`` process as
+it runs today. Page faults per step are recorded with every measurement.
 
 (a) ``bare``: the backbone on two already-normalised views (made outside the timed
     region), loss = mean of the features, backward, AdamW step.
@@ -37,7 +50,13 @@ this overestimates the pipeline's share by the heads' cost; ``pipeline_overhead_
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 import logging
 import os
 import platform
@@ -55,17 +74,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+import lightning as L
+from lightning.pytorch.callbacks import Callback
 
-from rela.accelerator import ReLAAccelerator, build_switch  # noqa: E402
-from rela.backbones import build_backbone  # noqa: E402
-from rela.bank import extract, transport  # noqa: E402
-from rela.config import TrainConfig  # noqa: E402
-from rela.data import Normalize, load_dataset  # noqa: E402
-from rela.methods import METHODS, build_method  # noqa: E402
-from rela.priors import build_prior  # noqa: E402
-from rela.train import ReLAModule  # noqa: E402
+from rela.accelerator import ReLAAccelerator, build_switch
+from rela.backbones import build_backbone
+from rela.bank import extract, transport
+from rela.config import TrainConfig
+from rela.data import RELA_VIEW, Normalize, load_dataset
+from rela.methods import METHODS, build_method
+from rela.priors import build_prior
+from rela.train import ReLAModule
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "step_cost.json"
 
@@ -76,23 +95,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone", default="convnet", help="learner backbone (convnet, resnet-narrow, resnet18, ...)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement and round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds over all step measurements (interleaved); medians pool every round's steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
     p.add_argument("--train-images", type=int, default=20000,
                    help="training images the fits index into (and the bank covers); does not change step cost")
     p.add_argument("--bank-images", type=int, default=20000, help="images for the bank-extraction timing (e)")
     p.add_argument("--bank-batch-size", type=int, default=512,
                    help="batch size of (e), both sides (512 = what rela.train uses for the bank)")
-    p.add_argument("--bank-repeats", type=int, default=2, help="runs of (e) per side; the median is kept")
+    p.add_argument("--bank-repeats", type=int, default=3,
+                   help="runs of (e) per side, alternating; the median is kept")
     p.add_argument("--prior", default="random", help="prior for (c) and (e)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc", choices=["tuned", "plain"], default="tuned",
+                   help="tuned: glibc mallopt so freed tensors stay mapped, no per-step page faults (steadier, "
+                        "comparable timings); plain: glibc's defaults, as a 'rela train' process runs today")
     p.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d", "e", "diag"],
                    help="measurements to leave out")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="minutes to wait (polling each minute) for the 1-min load average to drop below --max-load")
     p.add_argument("--max-load", type=float, default=0.5)
+    p.add_argument("--retries", type=int, default=1,
+                   help="re-run a measurement (after --retry-wait s) when other processes used more than "
+                        "--max-foreign CPU cores during it; the least disturbed attempt is kept")
+    p.add_argument("--max-foreign", type=float, default=0.25, help="CPU cores used by other processes")
+    p.add_argument("--retry-wait", type=float, default=30.0)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output file ('' to skip writing)")
     return p.parse_args(argv)
 
@@ -127,6 +157,55 @@ def wait_for_idle(minutes: float, max_load: float) -> None:
     while os.getloadavg()[0] >= max_load and time.time() < deadline:
         print(f"load average {os.getloadavg()[0]:.2f} >= {max_load}; waiting ...", flush=True)
         time.sleep(60)
+
+
+class ForeignCPU:
+    """CPU cores that *other* processes used while a measurement ran (Linux /proc/stat).
+
+    With 2 cores and 2 intra-op threads any foreign load makes OpenMP threads wait for each
+    other at every barrier, which slows steps several-fold, so this is recorded with every
+    measurement; ``None`` where /proc/stat is unavailable.
+    """
+
+    def __enter__(self):
+        self._faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+        self._start = self._snapshot()
+        return self
+
+    def __exit__(self, *exc):
+        end = self._snapshot()
+        usage = resource.getrusage(resource.RUSAGE_SELF) if resource else None
+        self.minor_faults = usage.ru_minflt - self._faults if usage else None
+        self.self_sys_s = end[3] - self._start[3]
+        self.cores = None
+        if self._start[1] is not None and end[1] is not None and end[0] > self._start[0]:
+            busy = (end[1] - self._start[1]) - (end[2] - self._start[2])
+            self.cores = max(busy, 0.0) / (end[0] - self._start[0])
+
+    @staticmethod
+    def _snapshot():
+        t = os.times()
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:9]]
+            busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+        except (OSError, ValueError):
+            busy = None
+        return time.perf_counter(), busy, t.user + t.system, t.system
+
+
+def tune_malloc() -> bool:
+    """glibc: keep freed activation memory in the process (no munmap/trim, so no page faults next step).
+
+    By default glibc serves big blocks with mmap and trims the heap, so every step's activations
+    are page-faulted in again (tens of thousands of faults per step here).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def batch_indices(n: int, batch_size: int, count: int, seed: int) -> list[torch.Tensor]:
@@ -208,6 +287,15 @@ def build_byol(args, dataset):
     return method.train(), feature_dim
 
 
+def memory_format(t: torch.Tensor) -> str:
+    """What layout a 4-D tensor is in (rela's backbones and Normalize decide; this script never converts)."""
+    if t.dim() != 4:
+        return "n/a"
+    cl, nchw = t.is_contiguous(memory_format=torch.channels_last), t.is_contiguous()
+    return {(True, True): "either (size-1 dims)", (True, False): "channels_last",
+            (False, True): "contiguous"}.get((cl, nchw), "strided")
+
+
 def measure_momentum_forward(args, dataset, views) -> list[float]:
     """(d) BYOL's two momentum forwards (backbone + projection head, no grad, train mode)."""
     method, _ = build_byol(args, dataset)
@@ -280,9 +368,10 @@ def measure_bank(args, prior, bank_set) -> dict:
     bs = args.bank_batch_size
     ready = [prior.preprocess(bank_set.images[s: s + bs]) for s in range(0, len(bank_set), bs)]
     n = len(bank_set)
-    with torch.no_grad():  # warm-up: first-call allocations and kernel selection stay out of both timings
-        prior(bank_set.images[:bs])
-        prior.model(ready[0])
+    with torch.no_grad():  # warm-up (both batch shapes): first-call allocations and kernel selection
+        for x in ready[:1] + ready[-1:]:
+            prior(bank_set.images[:len(x)])
+            prior.model(x)
     bank_times, bare_times, feats = [], [], None
     for _ in range(args.bank_repeats):
         t0 = time.perf_counter()
@@ -309,6 +398,7 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     if args.threads:
         torch.set_num_threads(args.threads)
+    mallopt_applied = tune_malloc() if args.malloc == "tuned" else False
     wait_for_idle(args.wait_idle, args.max_load)
     load_start = os.getloadavg()
     torch.manual_seed(args.seed)
@@ -323,101 +413,158 @@ def main(argv=None) -> dict:
     index = batch_indices(n_train, args.batch_size, count, args.seed)
     labels = [dataset.labels[i] for i in index]
     byol_views_fns = METHODS["byol"].views  # the method's own views, as training_step uses them
-    from rela.accelerator import RELA_VIEW  # the ReLA phase's view (ReLAAccelerator's default)
 
     torch.manual_seed(args.seed)
     with torch.no_grad():  # prepared outside every timed region
         views = [tuple(normalize(v(dataset.images[i])) for v in byol_views_fns) for i in index]
         rela_views = [tuple(normalize(RELA_VIEW(dataset.images[i])) for _ in range(2)) for i in index]
 
-    times: dict[str, list[float]] = {}
-    extra: dict = {}
+    probe, _ = build_backbone(args.backbone, dataset.channels, dataset.image_size)
+    weights4d = [p for p in probe.parameters() if p.dim() == 4]
+    layouts = {"backbone_conv_weights": sorted({memory_format(p) for p in weights4d}) or ["n/a"],
+               "views": memory_format(views[0][0])}
+    times: dict[str, list[float]] = {}  # pooled over rounds
+    round_medians: dict[str, list[float]] = {}
+    foreign: dict[str, dict] = {}
     skip = set(args.skip)
 
-    def run(key, label, fn):
-        print(f"  {label} ...", flush=True)
-        times[key] = fn()
+    def measure(key, label, fn):
+        """Run ``fn``; re-run it when other processes disturbed it; keep the least disturbed attempt."""
+        best = None
+        for attempt in range(args.retries + 1):
+            print(f"  {label} ...", end="", flush=True)
+            with ForeignCPU() as mon:
+                value = fn()
+            print(f" (other processes: {'?' if mon.cores is None else f'{mon.cores:.2f}'} cores)", flush=True)
+            cores = float("inf") if mon.cores is None else mon.cores
+            if best is None or cores < best[1]:
+                best = (value, cores, mon.minor_faults, mon.self_sys_s)
+            if mon.cores is None or mon.cores <= args.max_foreign or attempt == args.retries:
+                break
+            time.sleep(args.retry_wait)
+        rec = foreign.setdefault(key, {"foreign_cpu_cores": [], "attempts": 0, "minor_page_faults": [],
+                                       "own_system_cpu_s": []})
+        rec["foreign_cpu_cores"].append(None if best[1] == float("inf") else round(best[1], 3))
+        rec["minor_page_faults"].append(best[2])
+        rec["own_system_cpu_s"].append(round(best[3], 3))
+        rec["attempts"] += attempt + 1
+        return best[0]
 
-    print(f"backbone {args.backbone}, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, "
-          f"{torch.get_num_threads()} threads, load {load_start[0]:.2f}", flush=True)
-    if "a" not in skip:
-        run("bare", "(a) bare forward+backward", lambda: measure_bare(args, dataset, normalize, views))
-    if "d" not in skip:
-        run("momentum_forward", "(d) momentum forward", lambda: measure_momentum_forward(args, dataset, views))
+    def record(key, values):
+        times.setdefault(key, []).extend(values)
+        round_medians.setdefault(key, []).append(median(values))
+
+    def run(key, label, fn):
+        record(key, measure(key, label, fn))
+
+    def run_fit(key, label, fn):
+        batch, period = measure(key, label, fn)
+        record(key, batch)
+        record(f"{key}_period", period)
+
+    print(f"backbone {args.backbone}, batch {args.batch_size}, {args.rounds} round(s) of {args.warmup} warm-up + "
+          f"{args.steps} timed steps, {torch.get_num_threads()} threads, load {load_start[0]:.2f}", flush=True)
 
     # (e) first: its bank provides (c)'s targets.
     prior = build_prior(args.prior, learner_arch=args.backbone, channels=dataset.channels,
                         image_size=dataset.image_size, mean=dataset.mean, std=dataset.std, seed=args.seed + 1)
-    bank = None
-    if "e" not in skip or "c" not in skip or "diag" not in skip:
-        print("  (e) bank extraction vs. bare prior inference ...", flush=True)
-        if "e" in skip:  # still need a bank for (c): one untimed extraction over the training images
+    bank, targets = None, None
+    if "e" not in skip:
+        bank = measure("bank", "(e) bank extraction vs. bare prior inference",
+                       lambda: measure_bank(args, prior, bank_set))
+        raw = bank.pop("features")
+    if "c" not in skip or "diag" not in skip:
+        if bank is None or len(raw) < n_train:  # (c) needs a bank over the training images
             raw = extract(prior, dataset, batch_size=args.bank_batch_size, progress=False)
-        else:
-            bank = measure_bank(args, prior, bank_set)
-            raw = bank.pop("features")
-            if len(raw) < n_train:
-                raw = extract(prior, dataset, batch_size=args.bank_batch_size, progress=False)
         raw = raw[:n_train]
         _, feature_dim = build_backbone(args.backbone, dataset.channels, dataset.image_size)
-        targets = transport(raw, min(feature_dim, raw.shape[1]))
-    base_cfg = dict(dataset=args.dataset, backbone=args.backbone, method="byol", batch_size=args.batch_size,
-                    lr=args.lr, seed=args.seed, epochs=1000, progress=False, probe_every=0)
+        targets = transport(raw, min(feature_dim, raw.shape[1])).values
+    base_cfg = {"dataset": args.dataset, "backbone": args.backbone, "method": "byol", "batch_size": args.batch_size,
+                "lr": args.lr, "seed": args.seed, "epochs": 1000, "progress": False, "probe_every": 0}
 
-    if "b" not in skip:
-        def fit_b():
-            timer, _ = fit_steps(TrainConfig(**base_cfg), dataset, None, args.warmup, args.steps, args.seed)
-            extra["byol_period"] = timer.period
-            return timer.batch
-        run("byol", "(b) BYOL step (Lightning fit)", fit_b)
-    if "c" not in skip:
-        def fit_c():
-            cfg = TrainConfig(**base_cfg, prior=args.prior, switch="never")
-            timer, module = fit_steps(cfg, dataset, targets.values, args.warmup, args.steps, args.seed)
-            if module.switch_step is not None:
-                raise RuntimeError("the switch fired during the ReLA-phase benchmark")
-            extra["rela_period"] = timer.period
-            return timer.batch
-        run("rela", "(c) ReLA-phase step (Lightning fit)", fit_c)
-    if "diag" not in skip:
-        run("byol_compute", "diag: BYOL compute on prepared views",
-            lambda: measure_byol_compute(args, dataset, views, labels))
-        run("rela_compute", "diag: ReLA compute on prepared views",
-            lambda: measure_rela_compute(args, dataset, rela_views, labels, index, targets.values))
-        run("augment_byol", "diag: index + BYOL views + normalise",
-            lambda: measure_augment(args, dataset, normalize, byol_views_fns, index))
-        run("augment_rela", "diag: index + 2 ReLA views + normalise",
-            lambda: measure_augment(args, dataset, normalize, (RELA_VIEW, RELA_VIEW), index))
-    times.update({k: v for k, v in extra.items()})
+    def fit_b():
+        timer, _ = fit_steps(TrainConfig(**base_cfg), dataset, None, args.warmup, args.steps, args.seed)
+        return timer.batch, timer.period
+
+    def fit_c():
+        cfg = TrainConfig(**base_cfg, prior=args.prior, switch="never")
+        timer, module = fit_steps(cfg, dataset, targets, args.warmup, args.steps, args.seed)
+        if module.switch_step is not None:
+            raise RuntimeError("the switch fired during the ReLA-phase benchmark")
+        return timer.batch, timer.period
+
+    # Rounds interleave all step measurements, so a slow drift of the machine hits them alike.
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f" round {r + 1}/{args.rounds}", flush=True)
+        if "a" not in skip:
+            run("bare", "(a) bare forward+backward", lambda: measure_bare(args, dataset, normalize, views))
+        if "d" not in skip:
+            run("momentum_forward", "(d) momentum forward", lambda: measure_momentum_forward(args, dataset, views))
+        if "b" not in skip:
+            run_fit("byol", "(b) BYOL step (Lightning fit)", fit_b)
+        if "c" not in skip:
+            run_fit("rela", "(c) ReLA-phase step (Lightning fit)", fit_c)
+        if "diag" not in skip:
+            run("byol_compute", "diag: BYOL compute on prepared views",
+                lambda: measure_byol_compute(args, dataset, views, labels))
+            run("rela_compute", "diag: ReLA compute on prepared views",
+                lambda: measure_rela_compute(args, dataset, rela_views, labels, index, targets))
+            run("augment_byol", "diag: index + BYOL views + normalise",
+                lambda: measure_augment(args, dataset, normalize, byol_views_fns, index))
+            run("augment_rela", "diag: index + 2 ReLA views + normalise",
+                lambda: measure_augment(args, dataset, normalize, (RELA_VIEW, RELA_VIEW), index))
+
+    def ratios_of(g) -> dict:
+        def ratio(num, den):
+            return num / den if num is not None and den else None
+
+        def overhead(num, den):
+            q = ratio(num, den)
+            return None if q is None else q - 1
+
+        both = g("bare") + g("momentum_forward") if g("bare") and g("momentum_forward") else None
+        return {
+            "c_over_b": ratio(g("rela"), g("byol")),
+            "c_over_b_period": ratio(g("rela_period"), g("byol_period")),
+            "pipeline_overhead": overhead(g("byol"), both),
+            "pipeline_overhead_vs_compute": overhead(g("byol"), g("byol_compute")),
+            "rela_overhead_vs_compute": overhead(g("rela"), g("rela_compute")),
+            "compute_c_over_b": ratio(g("rela_compute"), g("byol_compute")),
+        }
 
     med = {k: median(v) for k, v in times.items()}
-    g = med.get
-
-    def ratio(num, den):
-        return num / den if num is not None and den and den == den else None
-
-    ratios = {
-        "c_over_b": ratio(g("rela"), g("byol")),
-        "c_over_b_period": ratio(g("rela_period"), g("byol_period")),
-        "pipeline_overhead": (ratio(g("byol"), g("bare") + g("momentum_forward")) - 1
-                              if g("byol") and g("bare") and g("momentum_forward") else None),
-        "pipeline_overhead_vs_compute": (ratio(g("byol"), g("byol_compute")) - 1
-                                         if g("byol") and g("byol_compute") else None),
-        "rela_overhead_vs_compute": (ratio(g("rela"), g("rela_compute")) - 1
-                                     if g("rela") and g("rela_compute") else None),
-        "compute_c_over_b": ratio(g("rela_compute"), g("byol_compute")),
-        "bank_vs_bare_inference": ratio(bank["bank_images_per_s"], bank["bare_images_per_s"]) if bank else None,
-    }
+    ratios = ratios_of(med.get)
+    derived = {}
+    if all(k in med for k in ("byol_compute", "bare", "momentum_forward")):
+        derived["byol_heads_monitor_ema_s"] = med["byol_compute"] - med["bare"] - med["momentum_forward"]
+    if "byol" in med and "byol_compute" in med:
+        derived["byol_pipeline_and_lightning_s"] = med["byol"] - med["byol_compute"]
+    if "byol" in med and "augment_byol" in med:
+        derived["augment_share_of_byol_step"] = med["augment_byol"] / med["byol"]
+    if "rela" in med and "augment_rela" in med:
+        derived["augment_share_of_rela_step"] = med["augment_rela"] / med["rela"]
+    ratios["bank_vs_bare_inference"] = (bank["bank_images_per_s"] / bank["bare_images_per_s"]) if bank else None
+    per_round = [ratios_of(lambda k, i=i: round_medians[k][i] if k in round_medians else None)
+                 for i in range(args.rounds)]
+    ratio_spread = {k: [min(vals), max(vals)] for k in per_round[0]
+                    if (vals := [pr[k] for pr in per_round if pr[k] is not None])}
     result = {
         "benchmark": "step_cost",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "config": {"backbone": args.backbone, "dataset": args.dataset, "batch_size": args.batch_size,
-                   "steps": args.steps, "warmup": args.warmup, "train_images": n_train, "prior": args.prior,
-                   "lr": args.lr, "seed": args.seed},
+                   "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "train_images": n_train,
+                   "prior": args.prior, "lr": args.lr, "seed": args.seed, "bank_images": len(bank_set),
+                   "malloc": args.malloc,
+                   "mallopt_applied": mallopt_applied, "layouts": layouts},
         "medians_s": med,
         "per_step_s": {k: summary(v) for k, v in times.items()},
         "ratios": ratios,
+        "ratio_range_over_rounds": ratio_spread,
+        "derived": derived,
+        "round_medians_s": round_medians,
         "bank": bank,
+        "foreign_cpu": foreign,
         "expected": {"c_over_b": "<= 0.8", "pipeline_overhead": "< 0.15"},
         "definitions": {
             "bare": "(a) backbone fwd on 2 prepared normalised views, loss = mean of features, backward, AdamW step",
@@ -437,6 +584,10 @@ def main(argv=None) -> dict:
                                             "normalisation and Lightning",
             "rela_overhead_vs_compute": "rela / rela_compute - 1, the same split for the ReLA phase",
             "augment_byol / augment_rela": "index uint8 batch + both views + normalise, no grad",
+            "byol_heads_monitor_ema_s": "byol_compute - bare - momentum_forward: BYOL projection/prediction "
+                                        "heads (fwd+bwd), monitor, update_momentum, AdamW on the heads",
+            "byol_pipeline_and_lightning_s": "byol - byol_compute: indexing, augmentation, normalisation, "
+                                             "Lightning's loop and logging",
             "bank_vs_bare_inference": "bank extraction images/s / bare prior-model images/s on pre-normalised "
                                       "tensors (same batch size)",
         },
@@ -446,7 +597,14 @@ def main(argv=None) -> dict:
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
+            "load_average_start": list(load_start),
+            "load_average_end": list(os.getloadavg()),
+            "malloc_note": "tuned: mallopt(M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB) before measuring, so "
+                           "freed activations stay mapped (no per-step page faults); plain: glibc defaults",
+            "foreign_cpu_note": "foreign_cpu: CPU cores used by other processes during each measurement and "
+                                "round (/proc/stat minus this process); > ~0.1 means the timing is disturbed; "
+                                "minor_page_faults / own_system_cpu_s: this process's, over the whole measurement "
+                                "(warm-up steps and setup included)",
             "wall_seconds": time.perf_counter() - wall0,
         },
     }
@@ -468,19 +626,36 @@ def print_table(r: dict) -> None:
              ("rela_compute", "diag: ReLA compute, prepared views"),
              ("augment_byol", "diag: index+augment+normalise, BYOL"),
              ("augment_rela", "diag: index+augment+normalise, ReLA")]
-    print(f"\n{'measurement':40s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s}")
+    fc = r["foreign_cpu"]
+    per_run = r["config"]["warmup"] + r["config"]["steps"]
+    print(f"\n{'measurement':40s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'other cores':>12s} "
+          f"{'faults/step':>12s}")
     for key, label in names:
         if key in med:
             s = ps[key]
-            print(f"{label:40s} {1e3 * s['median']:10.1f} {1e3 * s['min']:8.1f} {1e3 * s['max']:8.1f}")
+            other = [c for c in fc.get(key, {}).get("foreign_cpu_cores", []) if c is not None]
+            other = f"{max(other):.2f}" if other else ""  # the worst round
+            faults = [f for f in fc.get(key, {}).get("minor_page_faults", []) if f is not None]
+            faults = f"{median(faults) / per_run:.0f}" if faults else ""
+            print(f"{label:40s} {1e3 * s['median']:10.1f} {1e3 * s['min']:8.1f} {1e3 * s['max']:8.1f} {other:>12s} "
+                  f"{faults:>12s}")
     if r["bank"]:
         b = r["bank"]
         print(f"\n(e) bank extraction {b['bank_images_per_s']:9.0f} img/s   bare prior inference "
               f"{b['bare_images_per_s']:9.0f} img/s   ({b['images']} images, batch {b['batch_size']})")
+    d = r["derived"]
+    if "byol_heads_monitor_ema_s" in d:
+        print(f"\nBYOL step split: backbone fwd+bwd (a) {1e3 * med['bare']:.0f} ms + momentum fwd (d) "
+              f"{1e3 * med['momentum_forward']:.0f} ms + heads/monitor/EMA {1e3 * d['byol_heads_monitor_ema_s']:.0f} ms"
+              + (f" + pipeline/Lightning {1e3 * d['byol_pipeline_and_lightning_s']:.0f} ms"
+                 if "byol_pipeline_and_lightning_s" in d else ""))
     print()
+    spread = r["ratio_range_over_rounds"]
     for k, v in r["ratios"].items():
         exp = r["expected"].get(k, "")
-        print(f"{k:32s} {'n/a' if v is None else f'{v:8.3f}'}  {('expected ' + exp) if exp else ''}")
+        several = r["config"]["rounds"] > 1 and k in spread
+        rng = f"rounds {spread[k][0]:6.3f} .. {spread[k][1]:6.3f}" if several else ""
+        print(f"{k:30s} {'n/a' if v is None else f'{v:7.3f}'}  {rng:26s} {('expected ' + exp) if exp else ''}")
     env = r["environment"]
     print(f"\ntorch {env['torch']}, {env['threads']} threads, load average at start "
           f"{env['load_average_start'][0]:.2f}, wall {env['wall_seconds']:.0f} s")
