@@ -2,7 +2,8 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/step_cost.py                      # convnet, batch 256, 20 timed steps
+    .venv/bin/python benchmarks/step_cost.py                      # convnet, batch 256, 3 x 20 timed steps
+    .venv/bin/python benchmarks/step_cost.py --malloc plain       # glibc defaults, as `rela train` runs
     .venv/bin/python benchmarks/step_cost.py --backbone resnet-narrow --steps 10
 
 What is measured (median seconds per optimizer step, after ``--warmup`` untimed steps; the step
@@ -16,7 +17,7 @@ Allocator: with glibc's defaults a PyTorch CPU process hands the big activation 
 the kernel after every step and page-faults them in again on the next one (~10-50k minor faults
 per step here). That costs a varying 10-40 % of a step and depends on the heap's history, so two
 measurements of the same code differ by more than the effects measured here. By default
-(``--malloc tuned``) the script therefore calls ``mallopt`` (mmap threshold 32 MiB, no trimming)
+(``--malloc tuned``) the script therefore calls ``mallopt`` (no mmap for big blocks, no trimming)
 before measuring; ``--malloc plain`` measures glibc's defaults, i.e. a ``rela train`` process as
 it runs today. Page faults per step are recorded with every measurement.
 
@@ -195,7 +196,7 @@ class ForeignCPU:
 
 
 def tune_malloc() -> bool:
-    """glibc: keep freed activation memory in the process (no munmap/trim, so no page faults next step).
+    """glibc: keep freed activation memory in the process (no mmap/munmap, no trim: no page faults next step).
 
     By default glibc serves big blocks with mmap and trims the heap, so every step's activations
     are page-faulted in again (tens of thousands of faults per step here).
@@ -203,7 +204,9 @@ def tune_malloc() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+        m_mmap_max = -4
+        return (bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+                and bool(libc.mallopt(m_mmap_max, 0)))
     except (OSError, AttributeError):
         return False
 
@@ -372,7 +375,7 @@ def measure_bank(args, prior, bank_set) -> dict:
         for x in ready[:1] + ready[-1:]:
             prior(bank_set.images[:len(x)])
             prior.model(x)
-    bank_times, bare_times, feats = [], [], None
+    bank_times, bare_times, prep_times, feats = [], [], [], None
     for _ in range(args.bank_repeats):
         t0 = time.perf_counter()
         feats = extract(prior, bank_set, batch_size=bs, device="cpu", progress=False)
@@ -382,8 +385,14 @@ def measure_bank(args, prior, bank_set) -> dict:
             for x in ready:
                 prior.model(x).flatten(1).float()
         bare_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()  # the preprocessing alone (T_eval + normalisation), the difference in question
+        for start in range(0, n, bs):
+            prior.preprocess(bank_set.images[start: start + bs])
+        prep_times.append(time.perf_counter() - t0)
     return {"images": n, "batch_size": bs, "bank_seconds": median(bank_times), "bare_seconds": median(bare_times),
             "bank_images_per_s": n / median(bank_times), "bare_images_per_s": n / median(bare_times),
+            "preprocess_seconds": median(prep_times),
+            "preprocess_share_of_bank": median(prep_times) / median(bank_times),
             "bank_runs_s": bank_times, "bare_runs_s": bare_times, "features": feats}
 
 
@@ -589,7 +598,8 @@ def main(argv=None) -> dict:
             "byol_pipeline_and_lightning_s": "byol - byol_compute: indexing, augmentation, normalisation, "
                                              "Lightning's loop and logging",
             "bank_vs_bare_inference": "bank extraction images/s / bare prior-model images/s on pre-normalised "
-                                      "tensors (same batch size)",
+                                      "tensors (same batch size); bank.preprocess_share_of_bank times the "
+                                      "preprocessing alone, which is the whole difference between the two",
         },
         "environment": {
             "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
@@ -599,8 +609,9 @@ def main(argv=None) -> dict:
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "load_average_start": list(load_start),
             "load_average_end": list(os.getloadavg()),
-            "malloc_note": "tuned: mallopt(M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB) before measuring, so "
-                           "freed activations stay mapped (no per-step page faults); plain: glibc defaults",
+            "malloc_note": "tuned: mallopt(M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB, M_MMAP_MAX=0) before "
+                           "measuring, so freed activations stay mapped (no per-step page faults); plain: glibc "
+                           "defaults",
             "foreign_cpu_note": "foreign_cpu: CPU cores used by other processes during each measurement and "
                                 "round (/proc/stat minus this process); > ~0.1 means the timing is disturbed; "
                                 "minor_page_faults / own_system_cpu_s: this process's, over the whole measurement "
@@ -642,7 +653,9 @@ def print_table(r: dict) -> None:
     if r["bank"]:
         b = r["bank"]
         print(f"\n(e) bank extraction {b['bank_images_per_s']:9.0f} img/s   bare prior inference "
-              f"{b['bare_images_per_s']:9.0f} img/s   ({b['images']} images, batch {b['batch_size']})")
+              f"{b['bare_images_per_s']:9.0f} img/s   ({b['images']} images, batch {b['batch_size']}); "
+              f"preprocessing alone {1e3 * b['preprocess_seconds']:.0f} ms = "
+              f"{100 * b['preprocess_share_of_bank']:.1f} % of the extraction")
     d = r["derived"]
     if "byol_heads_monitor_ema_s" in d:
         print(f"\nBYOL step split: backbone fwd+bwd (a) {1e3 * med['bare']:.0f} ms + momentum fwd (d) "
