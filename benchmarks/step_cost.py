@@ -668,7 +668,7 @@ def print_table(r: dict) -> None:
         exp = r["expected"].get(k, "")
         several = r["config"]["rounds"] > 1 and k in spread
         rng = f"rounds {spread[k][0]:6.3f} .. {spread[k][1]:6.3f}" if several else ""
-        print(f"{k:30s} {'n/a' if v is None else f'{v:7.3f}'}  {rng:26s} {('expected ' + exp) if exp else ''}")
+        print(f"{k:30s} {'n/a' if v is None else f'{v:.3f}':>7s}  {rng:26s} {('expected ' + exp) if exp else ''}")
     env = r["environment"]
     print(f"\ntorch {env['torch']}, {env['threads']} threads, load average at start "
           f"{env['load_average_start'][0]:.2f}, wall {env['wall_seconds']:.0f} s")
