@@ -8,7 +8,14 @@ trained: its input size, normalisation and channel count. Names:
   ``random`` alone means the learner's own architecture;
 - ``checkpoint:PATH``: a backbone saved by ``rela train`` (``backbone.pt``);
 - ``torchvision:<name>`` / ``timm:<name>``: the library's pretrained weights by
-  name when online, or a local state_dict file given as ``weights``.
+  name when online, or a local state_dict file given as ``weights``;
+- ``open_clip:<arch>/<pretrained>``: an OpenCLIP image tower (extra ``rela[open_clip]``),
+  its pretrained tag when online, or ``open_clip:<arch>`` plus a local checkpoint
+  (the whole CLIP model's state_dict or the visual tower's) given as ``weights``;
+- ``hf:<model-id>``: a Hugging Face ``transformers`` vision model (extra ``rela[hf]``)
+  by hub id when online, or a local directory written by ``save_pretrained``.
+
+Any other ``torch.nn.Module`` becomes a prior with :meth:`Prior.from_module`.
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from torch import nn
 
 from rela.backbones import build_backbone, strip_classifier
 from rela.data.augment import Normalize, resize_center
+from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from rela.errors import RelaError
 
-PRIOR_CHOICES = ("none", "random", "random:<arch>", "checkpoint:PATH", "torchvision:<name>", "timm:<name>")
+PRIOR_CHOICES = ("none", "random", "random:<arch>", "checkpoint:PATH", "torchvision:<name>", "timm:<name>",
+                 "open_clip:<arch>/<pretrained>", "hf:<model-id-or-dir>")
 BACKBONE_FILE_FORMAT = "rela-backbone-v1"
 
 
@@ -36,6 +45,21 @@ class Prior:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     channels: int = 3
+
+    @classmethod
+    def from_module(cls, model: nn.Module, *, input_size: int, mean, std, channels: int = 3,
+                    name: str | None = None) -> "Prior":
+        """Any module mapping N x channels x input_size x input_size images to features.
+
+        ``mean``/``std`` are the normalisation the model was trained with, per channel
+        (a single number applies to every channel). The module is frozen in eval mode.
+        """
+        mean, std = _per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")
+        if not isinstance(input_size, int) or input_size < 1:
+            raise RelaError(f"prior input_size must be a positive integer, got {input_size!r}")
+        if any(s <= 0 for s in std):
+            raise RelaError(f"prior std must be positive, got {std}")
+        return cls(name or f"module:{type(model).__name__}", model, input_size, mean, std, channels)
 
     def __post_init__(self):
         self.model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
@@ -76,6 +100,10 @@ def build_prior(spec: str, *, learner_arch: str, channels: int, image_size: int,
         return _torchvision_prior(arg, weights)
     if kind == "timm":
         return _timm_prior(arg, weights)
+    if kind == "open_clip":
+        return _open_clip_prior(arg, weights)
+    if kind == "hf":
+        return _hf_prior(arg, weights)
     raise RelaError(f"unknown prior {spec!r}; valid choices: {', '.join(PRIOR_CHOICES)}")
 
 
@@ -114,20 +142,41 @@ def load_backbone_prior(path: str) -> Prior:
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "heads.")
 
 
-def _load_state_dict(model: nn.Module, weights: str, what: str) -> None:
+def _per_channel(value, channels: int, what: str) -> tuple[float, ...]:
+    values = (float(value),) * channels if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+    if len(values) != channels:
+        raise RelaError(f"prior {what} has {len(values)} values for {channels} channels")
+    return values
+
+
+def _read_state_dict(weights: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a torch file (``.pt``/``.pth``/``.bin``) or a ``.safetensors`` file."""
     path = Path(weights)
     if not path.is_file():
         raise RelaError(f"prior weights file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise RelaError(f"cannot read prior weights {path}: {type(e).__name__}: {e}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RelaError(f"prior weights {path} must hold a state_dict (a mapping of names to tensors)")
-    # The file may carry the classifier we removed; any other extra or missing key means another model.
-    extra = [k for k in state if k not in model.state_dict() and not k.startswith(CLASSIFIER_PREFIXES)]
+    return state
+
+
+def _load_state_dict(model: nn.Module, weights: str, what: str, state: dict | None = None,
+                     ignore: tuple[str, ...] = CLASSIFIER_PREFIXES) -> None:
+    path = Path(weights)
+    state = _read_state_dict(weights) if state is None else state
+    # The file may carry parts we do not use (the classifier we removed); any other extra or
+    # missing key means another model.
+    extra = [k for k in state if k not in model.state_dict() and not k.startswith(ignore)]
     try:
         missing, _ = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
@@ -176,3 +225,103 @@ def _timm_prior(name: str, weights: str | None) -> Prior:
     cfg = model.pretrained_cfg
     return Prior(f"timm:{name}", model, int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]),
                  int(cfg["input_size"][0]))
+
+
+def _optional(module: str, extra: str, spec: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RelaError(f"prior '{spec}:...' needs the optional package {module}: "
+                        f"pip install 'rela[{extra}]'") from None
+
+
+def _open_clip_prior(arg: str, weights: str | None) -> Prior:
+    open_clip = _optional("open_clip", "open_clip", "open_clip")
+    arch, _, tag = arg.partition("/")
+    if arch not in open_clip.list_models():
+        raise RelaError(f"unknown open_clip model {arch!r}; see open_clip.list_models()")
+    if tag and tag not in open_clip.list_pretrained_tags_by_model(arch):
+        raise RelaError(f"unknown pretrained tag {tag!r} for open_clip:{arch}; valid choices: "
+                        f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}")
+    if not tag and not weights:
+        raise RelaError(f"open_clip:{arch} needs a pretrained tag (open_clip:{arch}/TAG, see "
+                        "open_clip.list_pretrained()) or a local checkpoint with --prior-weights FILE")
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+    try:
+        # A tag's weights may need its activation (OpenAI's QuickGELU) also when loaded from a file.
+        model = open_clip.create_model(arch, pretrained=None if weights else tag,
+                                       force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+    except Exception as e:  # noqa: BLE001 - offline: download errors of several kinds
+        raise RelaError(f"cannot download weights for open_clip:{arch}/{tag} ({e}); "
+                        "pass a local checkpoint with --prior-weights FILE") from None
+    if weights:
+        state = _read_state_dict(weights)
+        if any(k.startswith("visual.") for k in state):  # a whole CLIP checkpoint: keep its image tower
+            state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        _load_state_dict(model.visual, weights, f"open_clip:{arch} (visual tower)", state, ignore=())
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"]
+    size = size[-1] if isinstance(size, (list, tuple)) else size
+    mean, std = tag_cfg.get("mean", cfg["mean"]), tag_cfg.get("std", cfg["std"])
+    name = f"open_clip:{arch}" + (f"/{tag}" if tag else "")
+    return Prior(name, model.visual, int(size), tuple(mean), tuple(std), 3)
+
+
+class HFImageEncoder(nn.Module):
+    """A ``transformers`` vision model as a plain images -> features module.
+
+    Image-text models (CLIP, SigLIP) give their projected image embedding; vision
+    models their pooled output, or the mean of the last hidden states (tokens or
+    spatial positions) where they have no pooler.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.model, "get_image_features"):
+            out = self.model.get_image_features(pixel_values=x)
+        else:
+            out = self.model(pixel_values=x)
+        if isinstance(out, torch.Tensor):
+            return out
+        if getattr(out, "pooler_output", None) is not None:
+            return out.pooler_output.flatten(1)
+        hidden = out.last_hidden_state
+        return hidden.mean(1) if hidden.ndim == 3 else hidden.flatten(2).mean(2)
+
+
+def _hf_prior(model_id: str, weights: str | None) -> Prior:
+    transformers = _optional("transformers", "hf", "hf")
+    if weights:
+        raise RelaError("hf priors load offline from a local folder written by save_pretrained: "
+                        "use hf:DIR instead of --prior-weights")
+    local = Path(model_id).is_dir()
+    try:
+        model = transformers.AutoModel.from_pretrained(model_id, local_files_only=local)
+    except Exception as e:  # noqa: BLE001 - hub errors, missing files, unknown architectures
+        where = "folder" if local else "model"
+        raise RelaError(f"cannot load hf {where} {model_id!r} ({type(e).__name__}: {e}); offline, "
+                        "pass a folder written by save_pretrained as hf:DIR") from None
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(model_id, local_files_only=local)
+    except Exception:  # noqa: BLE001 - no preprocessor_config.json: fall back on the model config
+        processor = None
+    config = getattr(model.config, "vision_config", None) or model.config
+    size = getattr(config, "image_size", 224)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD  # transformers' own default for vision models
+    if processor is not None:
+        mean = getattr(processor, "image_mean", None) or mean
+        std = getattr(processor, "image_std", None) or std
+        crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+        dims = crop or getattr(processor, "size", None) or {}
+        # a dict in older transformers, a SizeDict with attributes in newer ones
+        side = {k: dims.get(k) if isinstance(dims, dict) else getattr(dims, k, None)
+                for k in ("height", "shortest_edge")}
+        size = side["height"] or side["shortest_edge"] or size
+    size = size[-1] if isinstance(size, (list, tuple)) else size
+    channels = int(getattr(config, "num_channels", 3))
+    return Prior(f"hf:{model_id}", HFImageEncoder(model), int(size), tuple(mean), tuple(std), channels)

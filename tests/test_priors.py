@@ -10,7 +10,7 @@ from rela.backbones import build_backbone
 from rela.data import load_dataset
 from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from rela.errors import RelaError
-from rela.priors import build_prior
+from rela.priors import Prior, build_prior
 
 
 def _random(seed, arch="convnet", channels=3, size=16):
@@ -220,3 +220,119 @@ def test_prior_identity_tracks_weights_and_preprocessing():
     b = _random(0)
     b.input_size = 32
     assert b.identity() != _random(0).identity()
+
+
+# --- open_clip / Hugging Face from local files, any module via Prior.from_module ------------------
+
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _normalised(x, size, mean, std):
+    from rela.data.augment import resize_center
+
+    mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    return (resize_center(x, size) - mean) / std
+
+
+@pytest.fixture(scope="module")
+def open_clip_model(tmp_path_factory):
+    """A randomly initialised OpenCLIP ViT-S-32 saved the way OpenCLIP checkpoints are: the whole model."""
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-S-32", pretrained=None).eval()
+    path = tmp_path_factory.mktemp("open_clip") / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def test_open_clip_prior_from_local_checkpoint(open_clip_model, tmp_path):
+    path, reference = open_clip_model
+    prior = build_prior("open_clip:ViT-S-32", weights=str(path), **KW)
+    assert prior.name == "open_clip:ViT-S-32"
+    assert (prior.input_size, prior.channels) == (224, 3)
+    assert prior.mean == pytest.approx(OPENAI_CLIP_MEAN) and prior.std == pytest.approx(OPENAI_CLIP_STD)
+    x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = reference.encode_image(_normalised(x.expand(-1, 3, -1, -1), 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+    feats = prior(x)
+    assert feats.shape == (2, reference.visual.output_dim)
+    torch.testing.assert_close(feats, expected, atol=1e-4, rtol=1e-4)
+    # the visual tower's own state_dict works too, and gives the same prior
+    torch.save(reference.visual.state_dict(), tmp_path / "visual.pt")
+    assert build_prior("open_clip:ViT-S-32", weights=str(tmp_path / "visual.pt"), **KW).identity() == prior.identity()
+
+
+def test_open_clip_prior_errors(open_clip_model, tmp_path):
+    pytest.importorskip("open_clip")
+    with pytest.raises(RelaError, match="'ViT-Nope'"):
+        build_prior("open_clip:ViT-Nope/openai", **KW)
+    with pytest.raises(RelaError, match="'no-such-tag'"):
+        build_prior("open_clip:ViT-B-32/no-such-tag", **KW)
+    with pytest.raises(RelaError, match="needs a pretrained tag"):
+        build_prior("open_clip:ViT-S-32", **KW)
+    torch.save({"visual.conv1.weight": torch.zeros(1)}, tmp_path / "other.bin")
+    with pytest.raises(RelaError, match="do not fit open_clip:ViT-S-32"):
+        build_prior("open_clip:ViT-S-32", weights=str(tmp_path / "other.bin"), **KW)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny randomly initialised ViT saved with save_pretrained, with its image processor."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8)
+    model = transformers.ViTModel(config).eval()
+    folder = tmp_path_factory.mktemp("hf") / "tiny-vit"
+    model.save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3],
+                                   image_std=[0.4, 0.5, 0.6]).save_pretrained(folder)
+    return folder, model
+
+
+def test_hf_prior_from_local_folder(hf_dir):
+    folder, reference = hf_dir
+    prior = build_prior(f"hf:{folder}", **KW)
+    assert prior.name == f"hf:{folder}"
+    assert (prior.input_size, prior.channels) == (32, 3)
+    assert prior.mean == pytest.approx((0.1, 0.2, 0.3)) and prior.std == pytest.approx((0.4, 0.5, 0.6))
+    x = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = reference(pixel_values=_normalised(x, 32, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))).pooler_output
+    torch.testing.assert_close(prior(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_prior_without_processor_uses_config_size(hf_dir, tmp_path):
+    folder, reference = hf_dir
+    reference.save_pretrained(tmp_path / "bare")  # no preprocessor_config.json
+    prior = build_prior(f"hf:{tmp_path / 'bare'}", **KW)
+    assert prior.input_size == 32 and prior.mean == pytest.approx(IMAGENET_MEAN)
+    with pytest.raises(RelaError, match="save_pretrained"):
+        build_prior(f"hf:{tmp_path / 'empty'}", **KW)  # neither a folder nor reachable offline
+    with pytest.raises(RelaError, match="hf:DIR"):
+        build_prior(f"hf:{folder}", weights=str(tmp_path / "x.pt"), **KW)
+
+
+@pytest.mark.parametrize("spec, extra", [("open_clip:ViT-S-32", "open_clip"), ("hf:some/model", "hf")])
+def test_missing_extra_names_the_install(monkeypatch, spec, extra):
+    monkeypatch.setitem(__import__("sys").modules, "open_clip" if extra == "open_clip" else "transformers", None)
+    with pytest.raises(RelaError, match=rf"pip install 'rela\[{extra}\]'"):
+        build_prior(spec, **KW)
+
+
+def test_prior_from_any_module_feeds_the_bank(tmp_path):
+    from rela.bank import load_or_extract
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    prior = Prior.from_module(model, input_size=20, mean=0.5, std=(0.2, 0.3, 0.4))
+    assert prior.name == "module:Sequential" and prior.mean == (0.5,) * 3 and not prior.model.training
+    data = load_dataset("synthetic:24")
+    feats, info = load_or_extract(prior, data, cache_dir=tmp_path, progress=False)
+    with torch.no_grad():
+        expected = model(_normalised(data.images, 20, (0.5,) * 3, (0.2, 0.3, 0.4)))
+    torch.testing.assert_close(feats, expected)
+    assert load_or_extract(prior, data, cache_dir=tmp_path, progress=False)[1]["bank_cache_hit"]
+    with pytest.raises(RelaError, match="2 values for 3 channels"):
+        Prior.from_module(model, input_size=20, mean=(0.5, 0.5), std=0.2)
+    with pytest.raises(RelaError, match="std must be positive"):
+        Prior.from_module(model, input_size=20, mean=0.5, std=0.0)
