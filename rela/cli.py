@@ -1,4 +1,4 @@
-"""Command line: ``rela train``, ``rela eval``, ``rela demo``.
+"""Command line: ``rela train``, ``rela eval``, ``rela demo``, ``rela diagnose``, ``rela rank-priors``.
 
 User errors (bad names, missing files, values out of range) print one line and
 exit with code 2; nothing is written before the inputs have been checked.
@@ -24,7 +24,8 @@ TRAIN_FLAGS = {
     "--holdout": (int, "validation mode: train without the last N training images and evaluate on them"),
     "--backbone": (str, "learner: convnet | resnet-narrow | resnet18 | torchvision:NAME | timm:NAME"),
     "--method": (str, "base method: byol | simclr | mocov2 | simsiam | barlowtwins | vicreg | dino | supervised"),
-    "--prior": (str, "none | random | random:ARCH | checkpoint:PATH | torchvision:NAME | timm:NAME"),
+    "--prior": (str, "none | random | random:ARCH | checkpoint:PATH | torchvision:NAME | timm:NAME | "
+                     "open_clip:ARCH/TAG | hf:ID-OR-DIR"),
     "--prior-weights": (str, "local state_dict file for a torchvision/timm prior (offline use)"),
     "--prior-seed": (int, "seed of a random prior (default: --seed + 1)"),
     "--switch": (str, "adaptive | adaptive:THRESHOLD | constant:FRACTION | never"),
@@ -92,6 +93,67 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _study_data(args):
+    """Training and evaluation splits, learner dim and candidate priors of diagnose / rank-priors."""
+    from rela.data import load_dataset
+    from rela.diagnose import build_candidates, learner_dim, parse_weights
+
+    train = load_dataset(args.dataset, "train", args.data_root, limit=args.train_limit)
+    test = load_dataset(args.dataset, "test", args.data_root, limit=args.test_limit)
+    candidates = build_candidates(args.models, train, backbone=args.backbone, seed=args.seed,
+                                  weights=parse_weights(args.prior_weights))
+    return train, test, learner_dim(args.backbone, train), candidates
+
+
+def _cmd_diagnose(args) -> int:
+    from rela.diagnose import diagnose, diagnose_markdown, write_diagnose
+
+    train, test, dim, candidates = _study_data(args)
+    report = diagnose(candidates, train, test, target_dim=dim, cache_dir=args.cache_dir,
+                      pair_samples=args.pair_samples, seed=args.seed, progress=args.progress)
+    print(diagnose_markdown(report))
+    print("written: " + ", ".join(str(f) for f in write_diagnose(report, args.out)))
+    return 0
+
+
+def _cmd_rank_priors(args) -> int:
+    from rela.diagnose import rank_markdown, rank_priors, write_rank
+
+    train, _, dim, candidates = _study_data(args)
+    report = rank_priors(candidates, train, target_dim=dim, cache_dir=args.cache_dir, samples=args.samples,
+                         seed=args.seed, progress=args.progress, by=args.score)
+    print(rank_markdown(report))
+    print("written: " + ", ".join(str(f) for f in write_rank(report, args.out)))
+    return 0
+
+
+def _add_study_flags(p: argparse.ArgumentParser, models_flag: str, out: str) -> None:
+    p.add_argument(models_flag, dest="models", nargs="+", required=True, metavar="SPEC",
+                   help="prior specs: random[:ARCH] | checkpoint:PATH | torchvision:NAME | timm:NAME | "
+                        "open_clip:ARCH/TAG | hf:ID-OR-DIR")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--backbone", default="convnet", help="learner whose feature dim sets the target dim m")
+    p.add_argument("--prior-weights", nargs="+", default=None, metavar="SPEC=FILE",
+                   help="local weights for a torchvision/timm/open_clip model, e.g. timm:resnet18=r18.pth")
+    p.add_argument("--seed", type=int, default=0, help="seed of random priors and of the sampling")
+    p.add_argument("--cache-dir", default=".cache/rela")
+    p.add_argument("--out", default=out)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+BENCHMARKS = {"table1": "rela.bench.table1"}
+
+
+def _cmd_bench(args) -> int:
+    import importlib
+
+    importlib.import_module(BENCHMARKS[args.name]).main(args.args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rela", description="ReLA: the Representation Learning Accelerator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("diagnose", help="transportability of models' representations on a dataset")
+    _add_study_flags(p, "--models", "runs/diagnose")
+    p.add_argument("--pair-samples", type=int, default=10000, help="images used for the pairwise R^2 and CKA")
+    p.set_defaults(func=_cmd_diagnose)
+    p = sub.add_parser("rank-priors", help="rank candidate priors by a label-free score, without training")
+    _add_study_flags(p, "--priors", "runs/rank-priors")
+    p.add_argument("--samples", type=int, default=2048, help="augmented views scored per prior")
+    p.add_argument("--score", default="stability", help="stability | retrieval | effective_rank")
+    p.set_defaults(func=_cmd_rank_priors)
+    p = sub.add_parser("bench", help="run a benchmark of the package (rela bench table1 --help)")
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
