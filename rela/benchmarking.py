@@ -20,11 +20,13 @@ from rela.train import train
 class ResultsFile:
     """``{"runs": [...]}`` on disk, rewritten atomically after every run, so a grid resumes."""
 
-    def __init__(self, path: str | Path, meta: dict | None = None):
+    def __init__(self, path: str | Path, meta: dict | None = None, command: str | None = None):
+        """``command``: how to rerun what made the file; None keeps the stored one (or takes sys.argv)."""
         self.path = Path(path)
         data = load_json(self.path) if self.path.is_file() else {}
         self.runs: list[dict] = data.get("runs", [])
-        self.meta = {**data.get("meta", {}), **(meta or {}), "command": " ".join(sys.argv),
+        stored = data.get("meta", {})
+        self.meta = {**stored, **(meta or {}), "command": command or stored.get("command") or " ".join(sys.argv),
                      "torch": torch.__version__, "machine": platform.platform(), "threads": torch.get_num_threads()}
 
     def find(self, **key) -> dict | None:
