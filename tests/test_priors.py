@@ -330,7 +330,8 @@ def test_prior_from_any_module_feeds_the_bank(tmp_path):
     feats, info = load_or_extract(prior, data, cache_dir=tmp_path, progress=False)
     with torch.no_grad():
         expected = model(_normalised(data.images, 20, (0.5,) * 3, (0.2, 0.3, 0.4)))
-    torch.testing.assert_close(feats, expected)
+    # banks may be stored in half precision
+    torch.testing.assert_close(feats.float(), expected, atol=2e-3, rtol=2e-3)
     assert load_or_extract(prior, data, cache_dir=tmp_path, progress=False)[1]["bank_cache_hit"]
     with pytest.raises(RelaError, match="2 values for 3 channels"):
         Prior.from_module(model, input_size=20, mean=(0.5, 0.5), std=0.2)
