@@ -44,6 +44,7 @@ TRAIN_FLAGS = {
     "--devices": (int, "number of devices (processes) to train on"),
     "--precision": (str, "auto | 32-true | 16-mixed | bf16-mixed (auto: bf16 on CUDA, fp32 on CPU)"),
     "--probe-every": (int, "epochs between k-NN probes for the cost curve (0: off)"),
+    "--checkpoint-every": (int, "optimizer steps between mid-epoch checkpoints (0: epoch ends only)"),
 }
 
 
@@ -54,6 +55,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", default=None, help="allow torchvision to download CIFAR")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoints/last.ckpt")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    p.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="imagefolder: leave out (and count) files that do not decode instead of stopping")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

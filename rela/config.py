@@ -46,6 +46,7 @@ class TrainConfig:
     test_limit: int | None = None
     image_size: int | None = None  # imagefolder: side the images are resized to (default 64)
     holdout: int | None = None  # evaluate on the last N training images instead of the test split
+    skip_bad_images: bool = False  # imagefolder: skip (and count) files that do not decode instead of failing
     # learner and method
     backbone: str = "convnet"
     method: str = "byol"
@@ -68,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/rela"
     resume: bool = False
+    checkpoint_every: int = 200  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
     accelerator: str = "auto"
     devices: int = 1
     precision: str = "auto"
@@ -97,8 +99,10 @@ class TrainConfig:
         kind = self.prior.partition(":")[0]
         if kind not in {c.partition(":")[0] for c in PRIOR_CHOICES}:
             raise RelaError(f"unknown prior {self.prior!r}; valid choices: {', '.join(PRIOR_CHOICES)}")
-        if not isinstance(self.probe_every, int) or self.probe_every < 0:
-            raise RelaError(f"probe_every must be an integer >= 0, got {self.probe_every!r}")
+        for name in ("probe_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RelaError(f"{name} must be an integer >= 0, got {value!r}")
         if self.accelerator not in ACCELERATORS:
             raise RelaError(f"unknown accelerator {self.accelerator!r}; valid choices: {', '.join(ACCELERATORS)}")
         if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -116,7 +120,7 @@ class TrainConfig:
 
         limit = self.train_limit if split == "train" else self.test_limit
         return load_dataset(self.dataset, split, self.data_root, self.download, limit, self.image_size,
-                            holdout=self.holdout)
+                            holdout=self.holdout, skip_bad_images=self.skip_bad_images)
 
     @property
     def uses_rela(self) -> bool:

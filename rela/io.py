@@ -11,20 +11,60 @@ from typing import Callable, IO
 import torch
 import yaml
 
+from rela.errors import RelaError
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through a temporary sibling, fsync it, then rename it over ``path``.
+
+    A full disk or a read-only folder becomes a :class:`RelaError` naming the
+    file; the old file, if any, is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=TEMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RelaError(f"cannot write {path}: {e.strerror or e} (errno {e.errno}); "
+                            "check that the folder is writable and the disk has room") from None
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``folder`` (only for folders one run owns)."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early, before any work, when ``path`` (or the folder it would be made in) cannot be written."""
+    base = Path(path)
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise RelaError(f"output folder {path} is not writable ({base}: {e.strerror or e})") from None
 
 
 def save_torch(obj, path) -> None:

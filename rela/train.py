@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
@@ -30,11 +32,29 @@ from rela.config import TrainConfig
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
 from rela.errors import RelaError
 from rela.evaluate import backbone_features, knn_accuracy
-from rela.io import load_json, save_json, save_torch, save_yaml
+from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
 from rela.methods import Method, build_method
 from rela.priors import BACKBONE_FILE_FORMAT, build_prior
 
 PROBE_TRAIN_IMAGES, PROBE_TEST_IMAGES = 5000, 2000
+# Test hook: seconds to pause inside every checkpoint write, after the temporary file is written and
+# before it replaces last.ckpt, so benchmarks/kill_resume.py can land a SIGKILL mid-write.
+CHECKPOINT_DELAY_ENV = "RELA_DEBUG_CHECKPOINT_DELAY"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written through :func:`rela.io.atomic_write`: a kill mid-write leaves the previous one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        delay = float(os.environ.get(CHECKPOINT_DELAY_ENV) or 0)
+
+        def write(f) -> None:
+            torch.save(checkpoint, f)
+            if delay:
+                f.flush()
+                time.sleep(delay)
+
+        atomic_write(path, write)
 
 
 class ReLAModule(L.LightningModule):
@@ -53,6 +73,11 @@ class ReLAModule(L.LightningModule):
         self.history: list[dict] = []
         self._rela_loss: torch.Tensor | None = None
         self._batch_start = 0.0
+        self._batch_images = 0
+        # Lightning builds the loader before it restores its own loop state, so its stateful-loader
+        # hook never reaches ours; the sampler's position rides in the checkpoint as rela_sampler.
+        self._sampler: DynamicSubsetSampler | None = None
+        self._sampler_state: dict | None = None
         self.wall_start = time.perf_counter()
         self.wall_before = 0.0  # wall seconds spent by earlier processes of a resumed run
 
@@ -60,12 +85,18 @@ class ReLAModule(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         sampler = DynamicSubsetSampler(len(self.labels), self.cfg.ratio, self.cfg.seed,
                                        rank=self.global_rank, world_size=self.trainer.world_size)
+        if self._sampler_state is not None:  # resuming: skip what the checkpointed run already trained on
+            sampler.load_state_dict(self._sampler_state)
+        self._sampler, self._sampler_state = sampler, None
         batch_size = min(self.cfg.batch_size, len(sampler))
         if batch_size < self.cfg.batch_size:
             warnings.warn(f"the subset per epoch and rank holds {len(sampler)} images; batch size "
                           f"lowered from {self.cfg.batch_size} to {batch_size}", stacklevel=1)
         batches = BatchSampler(sampler, batch_size, drop_last=True)
-        return DataLoader(range(len(self.labels)), batch_sampler=batches, collate_fn=torch.tensor)
+        # An own generator: making an iterator would otherwise draw from the global RNG, which the
+        # augmentations use, and a mid-epoch resume (one extra iterator) would then diverge.
+        return DataLoader(range(len(self.labels)), batch_sampler=batches, collate_fn=torch.tensor,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
 
     # --- one step ---------------------------------------------------------------------
     def training_step(self, index: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -96,15 +127,20 @@ class ReLAModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise RelaError(f"the training loss became {loss.item()} at step {step}; "
                             "lower --lr (the last good checkpoint is kept)")
+        self._batch_images = len(index)
         return loss + monitor_loss
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._batch_start = time.perf_counter()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # The step's bookkeeping lives here, not in on_train_batch_end: Lightning runs the callbacks'
+        # on_train_batch_end (the mid-epoch checkpoint) before the module's, and a checkpoint must
+        # hold the budget and switch state of the step it follows.
         self.budget["train_seconds"] += time.perf_counter() - self._batch_start
         self.budget["steps"] += 1
-        self.budget["images_seen"] += len(batch) * self.trainer.world_size
+        self.budget["images_seen"] += self._batch_images * self.trainer.world_size
         if self._rela_loss is not None:
             # Every rank must take the same decision: average the loss over ranks first.
             loss = self.all_gather(self._rela_loss).float().mean().item()
@@ -131,6 +167,8 @@ class ReLAModule(L.LightningModule):
         checkpoint["rela_budget"] = dict(self.budget)
         checkpoint["rela_history"] = list(self.history)
         checkpoint["rela_wall_seconds"] = self.wall_seconds()
+        if self._sampler is not None:
+            checkpoint["rela_sampler"] = self._sampler.state_dict()
         # Augmentations draw from the global RNGs; saving them makes a resumed run repeat exactly.
         checkpoint["rela_rng"] = {"cpu": torch.get_rng_state(),
                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -139,6 +177,7 @@ class ReLAModule(L.LightningModule):
         self.budget = dict(checkpoint.get("rela_budget", self.budget))
         self.history = list(checkpoint.get("rela_history", []))
         self.wall_before = checkpoint.get("rela_wall_seconds", 0.0)
+        self._sampler_state = checkpoint.get("rela_sampler")
         rng = checkpoint.get("rela_rng")
         if rng is not None:
             torch.set_rng_state(rng["cpu"])
@@ -242,28 +281,37 @@ def train(cfg: TrainConfig) -> dict:
     """Run one training job as configured; returns the metrics written to ``metrics.json``."""
     cfg.validate()
     out = _check_out_dir(cfg)
+    check_writable(out)
     wall_start = time.perf_counter()
     run = prepare(cfg)
     module, train_set = run.module, run.train_set
+    last = out / "checkpoints" / "last.ckpt"
+    resuming = cfg.resume and last.is_file()
+    if resuming:
+        _check_checkpoint_fits(last, module)
     # 4. fit
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "checkpoints"):  # what a killed earlier process of this run was writing
+        remove_stale_temp_files(folder)
     save_yaml(cfg.to_dict(), out / "config.yaml")
     _keep_previous_log(out / "logs" / "metrics.csv")
+    # Both write last.ckpt: at every epoch end and every checkpoint_every steps inside an epoch.
+    every = [{"every_n_epochs": 1}] + ([{"every_n_train_steps": cfg.checkpoint_every}] if cfg.checkpoint_every else [])
     callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
-                                 every_n_epochs=1, enable_version_counter=False)]
+                                 enable_version_counter=False, **when) for when in every]
     if run.test_set is not None:
         callbacks.insert(0, CostCurveProbe(train_set, run.test_set, cfg.probe_every))
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+    warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")  # see rela_sampler
     trainer = L.Trainer(
         max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, accelerator=cfg.accelerator, devices=cfg.devices,
         precision=_precision(cfg), logger=CSVLogger(out, name="logs", version=""),
         callbacks=callbacks, enable_progress_bar=cfg.progress, enable_model_summary=False,
         log_every_n_steps=10, use_distributed_sampler=False, num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
     )
-    last = out / "checkpoints" / "last.ckpt"
-    resuming = cfg.resume and last.is_file()
     module.wall_start = wall_start
     trainer.fit(module, ckpt_path=str(last) if resuming else None)
     if not trainer.is_global_zero:
@@ -282,12 +330,31 @@ def train(cfg: TrainConfig) -> dict:
         **module.budget, "switch_step": switch_step,
         "rela_steps": (switch_step if switch_step is not None else module.budget["steps"]) if module.rela else 0,
         "wall_seconds": module.wall_seconds(), "history": module.history, **run.bank_info,
-        "device": run.device, "precision": _precision(cfg),
+        "device": run.device, "precision": _precision(cfg), "skipped_images": len(train_set.skipped),
     }
     if previous.get("steps") == metrics["steps"]:  # resumed a finished run: its evaluation still holds
         metrics.update({k: v for k, v in previous.items() if k.endswith("_top1") or k in ("eval_test_images", "eval_split")})
     save_json(metrics, out / "metrics.json")
     return metrics
+
+
+def _check_checkpoint_fits(path: Path, module: ReLAModule) -> None:
+    """Refuse, before training, a checkpoint of another model (another --backbone, --method or --prior)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, ...
+        raise RelaError(f"cannot resume from {path}: unreadable checkpoint ({type(e).__name__}); "
+                        "delete it to start over") from None
+    expected = module.state_dict()
+    problems = [f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+                for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
+    problems += [f"{k} missing" for k in expected.keys() - saved.keys()]
+    problems += [f"{k} unexpected" for k in saved.keys() - expected.keys()]
+    if problems:
+        raise RelaError(f"cannot resume from {path}: it holds another model than --backbone {module.cfg.backbone} "
+                        f"--method {module.cfg.method} --prior {module.cfg.prior} ({len(problems)} mismatches, "
+                        f"e.g. {'; '.join(sorted(problems)[:3])}); resume with the run's own settings "
+                        "(its config.yaml) or choose another --out")
 
 
 def _keep_previous_log(csv: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class ImageDataset:
     std: tuple[float, ...]
     source: str = ""
     _fingerprint: str | None = field(default=None, repr=False)
+    skipped: tuple[str, ...] = ()  # files left out because they did not decode (--skip-bad-images)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -73,7 +75,7 @@ class ImageDataset:
             return self
         return ImageDataset(
             self.name, self.split, self.images[:limit].clone(), self.labels[:limit].clone(),
-            self.num_classes, self.mean, self.std, self.source,
+            self.num_classes, self.mean, self.std, self.source, skipped=self.skipped,
         )
 
 
@@ -85,29 +87,32 @@ def load_dataset(
     limit: int | None = None,
     image_size: int | None = None,
     holdout: int | None = None,
+    skip_bad_images: bool = False,
 ) -> ImageDataset:
     """Load ``split`` ("train" or "test") of the dataset called ``name``.
 
     With ``holdout=N`` the last N training images become the "test" split and the
     rest the training split: a validation set for choosing settings without
-    touching the real test split.
+    touching the real test split. ``skip_bad_images`` leaves out image-folder
+    files that do not decode (listed in ``skipped``) instead of failing on the first.
     """
     if split not in ("train", "test"):
         raise RelaError(f"unknown split {split!r}; valid choices: train, test")
     if holdout:
-        full = load_dataset(name, "train", root, download, None, image_size)
+        full = load_dataset(name, "train", root, download, None, image_size, skip_bad_images=skip_bad_images)
         if not 0 < holdout < len(full):
             raise RelaError(f"holdout must be between 1 and {len(full) - 1} for {name}, got {holdout}")
         keep = slice(None, len(full) - holdout) if split == "train" else slice(len(full) - holdout, None)
         part = ImageDataset(full.name, f"{split}-holdout{holdout}", full.images[keep].clone(),
-                            full.labels[keep].clone(), full.num_classes, full.mean, full.std, full.source)
+                            full.labels[keep].clone(), full.num_classes, full.mean, full.std, full.source,
+                            skipped=full.skipped)
         return part.subset(limit)
     if name == "fashion-mnist":
         ds = _fashion_mnist(split, root)
     elif name in ("cifar10", "cifar100"):
         ds = _cifar(name, split, root, download)
     elif name.startswith("imagefolder:"):
-        ds = _image_folder(name, split, image_size or 64)
+        ds = _image_folder(name, split, image_size or 64, skip_bad_images)
     elif name == "digits":
         ds = _digits(split)
     elif name == "synthetic" or name.startswith("synthetic:"):
@@ -198,7 +203,7 @@ def _cifar(name: str, split: str, root, download: bool) -> ImageDataset:
 
 # --- ImageFolder (one sub-folder per class) -----------------------------------------
 
-def _image_folder(name: str, split: str, image_size: int) -> ImageDataset:
+def _image_folder(name: str, split: str, image_size: int, skip_bad_images: bool = False) -> ImageDataset:
     from PIL import Image
     from torchvision import datasets
     from torchvision.transforms import v2
@@ -218,15 +223,27 @@ def _image_folder(name: str, split: str, image_size: int) -> ImageDataset:
         raise RelaError(f"image folder {split_dir}: {e}") from None
     resize = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
     images = torch.empty(len(folder), 3, image_size, image_size, dtype=torch.uint8)
+    good, skipped = [], []
     for i, (path, _) in enumerate(folder.samples):
         try:
             with Image.open(path) as im:
                 images[i] = resize(im.convert("RGB"))
-        except OSError as e:
-            raise RelaError(f"cannot decode image {path}: {e}") from None
+            good.append(i)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken files
+            if not skip_bad_images:
+                raise RelaError(f"cannot decode image {path}: {e}; fix or remove it, or pass "
+                                "--skip-bad-images to leave such files out") from None
+            skipped.append(path)
     labels = torch.tensor(folder.targets, dtype=torch.int64)
+    if skipped:
+        if not good:
+            raise RelaError(f"image folder {split_dir}: none of its {len(skipped)} images decodes")
+        warnings.warn(f"skipped {len(skipped)} image(s) of {split_dir} that do not decode, e.g. {skipped[0]}",
+                      stacklevel=2)
+        images, labels = images[good], labels[good]
     ident = f"imagefolder:{base.resolve()}"
-    return ImageDataset(ident, split, images, labels, len(folder.classes), IMAGENET_MEAN, IMAGENET_STD, str(split_dir))
+    return ImageDataset(ident, split, images, labels, len(folder.classes), IMAGENET_MEAN, IMAGENET_STD,
+                        str(split_dir), skipped=tuple(skipped))
 
 
 # --- scikit-learn's digits: a second, different small dataset -----------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
+from rela.errors import RelaError
+
 
 class DynamicSubsetSampler(Sampler[int]):
     """Draws ``round(ratio * n)`` distinct indices per epoch, in random order.
@@ -14,6 +16,11 @@ class DynamicSubsetSampler(Sampler[int]):
     same subset; rank ``r`` of ``world_size`` then takes every world_size-th index,
     so each sample of the subset is visited exactly once per epoch overall.
     Lightning calls :meth:`set_epoch` at the start of every epoch.
+
+    ``state_dict`` records how far into its epoch the sampler got; after
+    ``load_state_dict`` the next pass over that epoch yields only the indices not
+    yet consumed, so a run resumed from a mid-epoch checkpoint sees exactly the
+    batches an uninterrupted run would.
     """
 
     def __init__(self, n: int, ratio: float = 1.0, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -23,6 +30,8 @@ class DynamicSubsetSampler(Sampler[int]):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.subset_size = max(1, round(ratio * n))
+        self.consumed = 0  # indices handed out so far in the current pass
+        self._resume_at: tuple[int, int] | None = None  # (epoch, indices already consumed)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -35,7 +44,23 @@ class DynamicSubsetSampler(Sampler[int]):
         return subset[self.rank: per_rank * self.world_size: self.world_size]
 
     def __iter__(self):
-        return iter(self.indices().tolist())
+        order = self.indices().tolist()
+        start = self._resume_at[1] if self._resume_at and self._resume_at[0] == self.epoch else 0
+        self._resume_at = None
+        self.consumed = start
+        for index in order[start:]:
+            self.consumed += 1  # counted as handed out, so a checkpoint between batches knows the position
+            yield index
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "size": self.subset_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state.get("seed"), state.get("size")) != (self.seed, self.subset_size):
+            raise RelaError(f"the checkpoint was written with --seed {state.get('seed')} and a subset of "
+                            f"{state.get('size')} images per epoch, not --seed {self.seed} and {self.subset_size}; "
+                            "resume with the run's own settings (its config.yaml)")
+        self._resume_at = (int(state["epoch"]), int(state["consumed"]))
 
     def __len__(self) -> int:
         return self.subset_size // self.world_size
