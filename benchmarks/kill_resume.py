@@ -1,0 +1,197 @@
+"""Kill ``rela train`` with SIGKILL at five moments, resume it, and compare with an uninterrupted run.
+
+One small configuration (Fashion-MNIST, 512 training images, convnet, BYOL + ReLA with a random
+prior, adaptive switch with a low threshold so it fires mid-run, 4 epochs of 16 steps of 32 images,
+seed 0, a checkpoint every 4 steps; small because it ran niced next to a CPU-bound job). It is trained once without interruption; then, for each case, the
+same command runs as a subprocess in a fresh folder, is killed with SIGKILL at the chosen moment,
+and is rerun with ``--resume``. Both finished runs are evaluated (k-NN and linear probe on 500
+test images) and compared: steps, switch step, top-1 accuracies and a SHA-256 of the final
+backbone weights.
+
+How each moment is found:
+
+- ReLA phase, at the switch, SSL phase: the step counter of the run's progress bar (stdout), at a
+  step chosen from the uninterrupted run's switch step;
+- bank extraction: the bank's progress bar appears (and no bank file exists after the kill);
+- checkpoint write: the run gets ``RELA_DEBUG_CHECKPOINT_DELAY`` (a pause inside every checkpoint
+  write, after the temporary file is written and before it replaces ``last.ckpt``); the kill lands
+  when a temporary checkpoint file appears after step 20 (and that file is still there after the kill).
+
+Usage: ``python benchmarks/kill_resume.py [--work DIR] [--jobs N]``; results in
+``benchmarks/results/kill_resume.json``. ``--jobs`` runs the cases side by side (they share nothing
+but the CPU); a finished uninterrupted run of the same configuration in ``--work`` is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "kill_resume.json"
+STEPS_PER_EPOCH = 512 // 32
+CONFIG = ["--dataset", "fashion-mnist", "--train-limit", "512", "--test-limit", "500", "--backbone", "convnet",
+          "--method", "byol", "--prior", "random", "--switch", "adaptive:0.5", "--epochs", "4", "--batch-size", "32",
+          "--seed", "0", "--checkpoint-every", "4", "--probe-every", "0"]
+EVAL = ["--linear-epochs", "20", "--no-progress"]
+CHECKPOINT_DELAY = "2"
+PROGRESS = re.compile(r"Epoch (\d+):\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+
+
+def rela(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rela", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def finish(*args: str) -> None:
+    proc = rela(*args)
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"rela {' '.join(args)} failed:\n{out.decode(errors='replace')[-3000:]}")
+
+
+class Watch:
+    """Reads a running ``rela train``'s output and tracks the last step its progress bar showed."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.step, self.text = proc, -1, ""
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        buf = b""
+        while chunk := self.proc.stdout.read1(4096):
+            buf = (buf + chunk)[-20000:]
+            self.text = buf.decode(errors="replace")
+            for m in PROGRESS.finditer(self.text):
+                self.step = int(m.group(1)) * STEPS_PER_EPOCH + int(m.group(2))
+
+    def kill_when(self, moment, timeout: float = 1800) -> float:
+        deadline = time.monotonic() + timeout
+        while not moment(self):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the run ended before the kill moment:\n{self.text[-3000:]}")
+            time.sleep(0.005)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.thread.join()
+        return time.monotonic()
+
+
+def weights_hash(run: Path) -> str:
+    state = torch.load(run / "backbone.pt", map_location="cpu", weights_only=True)["state_dict"]
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def summary(run: Path) -> dict:
+    m = json.loads((run / "metrics.json").read_text())
+    keys = ("steps", "images_seen", "switch_step", "knn_top1", "knn20_top1", "linear_top1")
+    return {**{k: m[k] for k in keys}, "weights_sha256": weights_hash(run)}
+
+
+def checkpoint_step(run: Path) -> int | None:
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    return torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "kill_resume"), help="scratch folder")
+    parser.add_argument("--jobs", type=int, default=1, help="cases run at the same time")
+    args = parser.parse_args()
+    work = Path(args.work)
+
+    def train_args(name: str) -> list[str]:
+        return ["train", *CONFIG, "--out", str(work / name), "--cache-dir", str(work / name / "cache")]
+
+    start = time.perf_counter()
+    done_marker = work / "uninterrupted.done"
+    if not (done_marker.is_file() and done_marker.read_text() == " ".join(CONFIG + EVAL)):
+        shutil.rmtree(work / "uninterrupted", ignore_errors=True)
+        finish(*train_args("uninterrupted"), "--no-progress")
+        finish("eval", str(work / "uninterrupted"), *EVAL)
+        done_marker.write_text(" ".join(CONFIG + EVAL))
+    reference = summary(work / "uninterrupted")
+    switch = reference["switch_step"]
+    total = reference["steps"]
+    if switch is None or not 8 < switch < total - 8:
+        raise SystemExit(f"the switch fired at step {switch}; pick a threshold that fires mid-run")
+    print(f"uninterrupted: {reference}", flush=True)
+
+    def at_step(step: int):
+        return lambda w: w.step >= step
+
+    def in_bank_extraction(w: Watch) -> bool:
+        return "bank" in w.text and w.step < 0
+
+    def in_checkpoint_write(run: Path):
+        return lambda w: w.step >= 20 and any((run / "checkpoints").glob(".last.ckpt.*.tmp"))
+
+    cases = {
+        "rela_phase": (at_step(switch // 2 + 2), {}),
+        "at_switch": (at_step(switch + 1), {}),
+        "ssl_phase": (at_step((switch + total) // 2 + 2), {}),
+        "bank_extraction": (in_bank_extraction, {}),
+        "checkpoint_write": (in_checkpoint_write(work / "checkpoint_write"),
+                             {"RELA_DEBUG_CHECKPOINT_DELAY": CHECKPOINT_DELAY}),
+    }
+    def run_case(name: str) -> dict:
+        moment, env = cases[name]
+        run = work / name
+        shutil.rmtree(run, ignore_errors=True)
+        watch = Watch(rela(*train_args(name), env=env))
+        watch.kill_when(moment)
+        cache_files = sorted(p.name for p in (run / "cache").glob("*")) if (run / "cache").is_dir() else []
+        temp_files = sorted(p.name for p in (run / "checkpoints").glob("*.tmp")) if (run / "checkpoints").is_dir() else []
+        killed = {"progress_step_at_kill": watch.step if watch.step >= 0 else None,
+                  "checkpoint_step_after_kill": checkpoint_step(run),
+                  "bank_cache_files_after_kill": cache_files, "temp_checkpoint_files_after_kill": temp_files}
+        finish(*train_args(name), "--no-progress", "--resume")
+        finish("eval", str(run), *EVAL)
+        resumed = summary(run)
+        equal = resumed == reference
+        print(f"{name}: killed {killed}; resumed run equal to uninterrupted: {equal}", flush=True)
+        return {"kill": killed, "equal": equal, "metrics": resumed}
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = dict(zip(cases, pool.map(run_case, cases)))
+
+    report = {
+        "command": "python benchmarks/kill_resume.py",
+        "config": " ".join(CONFIG),
+        "eval": " ".join(EVAL),
+        "checkpoint_write_hook": f"RELA_DEBUG_CHECKPOINT_DELAY={CHECKPOINT_DELAY} (seconds paused inside each "
+                                 "checkpoint write, before the rename)",
+        "uninterrupted": reference,
+        "cases": results,
+        "all_equal": all(r["equal"] for r in results.values()),
+        "torch": torch.__version__,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"all equal: {report['all_equal']}; results in {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
