@@ -1,28 +1,70 @@
-"""The representation bank (spec steps 1-2).
+"""The representation bank (spec steps 1-2): raw prior features for every training image.
 
-``extract`` runs the prior once over the training set; ``load_or_extract``
-caches the result on disk under a key derived from the prior's weights and
-preprocessing and the dataset's content, writes it atomically and verifies it
-on load; ``transport`` turns raw prior features into ReLA's targets: PCA to
-m = min(d, k) components, each standardised over the dataset.
+On disk a bank is a memory-mappable array plus a small metadata file next to it:
+
+* ``NAME``       -- a ``.npy`` array, rows x dim, float16 by default (float32 on request:
+  ``bank_dtype``), opened with a memory map, so loading costs the same for 60k or 1.28M rows
+  and a batch only reads the rows it touches;
+* ``NAME.json``  -- format, key, prior, dataset, rows, dim, dtype, the sha256 of the array
+  bytes and ``extract_seconds`` (what extracting the bank cost; reported again on cache hits,
+  because a hit is compute paid earlier, not free compute).
+
+**Extraction is chunked and resumable.** Rows are computed in chunks of ``CHUNK_ROWS``; each
+chunk goes atomically (temp file + rename) into ``NAME.chunks-<key>/`` with its own checksum,
+so a killed extraction resumes at the missing chunks. Several processes (ranks, GPUs) fill
+one bank: chunk ``i`` belongs to rank ``i % world_size``; a rank done with its own chunks
+computes any still missing, so a dead or mis-numbered rank cannot leave the bank unfinished
+(a chunk may then be computed twice, which is harmless: both writes hold the same rows and
+each is atomic). When every chunk exists, one process, holding an ``fcntl`` lock on
+``NAME.lock``, assembles ``NAME`` (temp file + rename), re-reads it to verify the checksum
+once, then writes ``NAME.json`` -- the metadata file is the commit mark: a bank without it
+is unfinished -- and removes the chunks. Two processes extracting the same bank at once thus
+cannot corrupt it; the second to take the lock finds the bank done.
+
+**Loading verifies cheaply.** :func:`open_bank` checks the metadata (format, key, rows, dim,
+dtype) and that the file's size and ``.npy`` header match it; that catches truncated files,
+banks of another prior or dataset and foreign files without reading the data. The full
+sha256 is verified once after assembly (its first use) and on request (``verify=True``):
+hashing a 5 GB ImageNet-scale bank on every load would take seconds and read every page,
+which is what memory-mapping avoids, and since every file is written by rename a partial
+file cannot appear under the bank's name; the remaining risk, bit rot on disk, is what
+``verify=True`` is for.
+
+:func:`transport` turns raw features into ReLA's targets (PCA to m components, each
+standardised) reading the bank in blocks with float64 statistics, so the bank itself is never
+in memory at once. **Limit:** the targets (N x m float32, e.g. 60k x 128 = 31 MB; 1.28M x
+128 = 655 MB) are materialised and ride along to the training device, like the uint8 images
+of the in-memory datasets (:mod:`rela.data`); beyond that scale both would have to be
+indexed from disk per batch.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import math
+import os
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from rela.data.datasets import ImageDataset
 from rela.errors import RelaError
 from rela.features import embed
-from rela.io import save_torch
+from rela.io import atomic_write, load_json, save_json
 from rela.priors import Prior
 
-BANK_FORMAT = "rela-bank-v1"
+BANK_FORMAT = "rela-bank-v2"
+BANK_DTYPES = ("float16", "float32")
+CHUNK_ROWS = 16384
+BLOCK_BYTES = 64 << 20  # float64 working block of the chunked passes (transport, checksum)
 
 
 @dataclass
@@ -34,12 +76,170 @@ class Targets:
     raw_dim: int
 
 
-def bank_key(prior: Prior, dataset: ImageDataset) -> str:
-    return hashlib.sha256(f"{BANK_FORMAT}|{prior.identity()}|{dataset.fingerprint()}".encode()).hexdigest()
+def bank_key(prior: Prior, dataset: ImageDataset, dtype: str = "float16") -> str:
+    return hashlib.sha256(f"{BANK_FORMAT}|{dtype}|{prior.identity()}|{dataset.fingerprint()}".encode()).hexdigest()
+
+
+def _check_dtype(dtype: str) -> np.dtype:
+    if dtype not in BANK_DTYPES:
+        raise RelaError(f"unknown bank dtype {dtype!r}; valid choices: {', '.join(BANK_DTYPES)}")
+    return np.dtype(dtype)
+
+
+def _row_blocks(rows: int, dim: int, itemsize: int = 8):
+    step = max(1, BLOCK_BYTES // max(dim * itemsize, 1))
+    return ((a, min(a + step, rows)) for a in range(0, rows, step))
+
+
+def _sha256_rows(array, dim: int) -> str:
+    """sha256 of a C-ordered array's bytes, read block by block (a memory map stays unread elsewhere)."""
+    h = hashlib.sha256()
+    for a, b in _row_blocks(len(array), dim, array.dtype.itemsize):
+        h.update(np.ascontiguousarray(array[a:b]))
+    return h.hexdigest()
+
+
+@contextmanager
+def _locked(lock_path: Path):
+    """An exclusive ``fcntl`` lock; the file stays (deleting lock files races with their users)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class BankWriter:
+    """Writes one bank chunk by chunk; any number of writers, in any processes, may share it."""
+
+    def __init__(self, path: str | Path, key: str, rows: int, *, dtype: str = "float16",
+                 chunk_rows: int = CHUNK_ROWS, about: dict | None = None):
+        self.path, self.key, self.rows = Path(path), key, rows
+        self.dtype = _check_dtype(dtype)
+        self.chunk_rows = chunk_rows
+        self.about = dict(about or {})  # prior and dataset names, for the metadata and messages
+        self.num_chunks = math.ceil(rows / chunk_rows)
+        self.meta_path = meta_path(self.path)
+        self.chunk_dir = self.path.with_name(f"{self.path.name}.chunks-{key[:16]}")
+        self.lock_path = self.path.with_name(f"{self.path.name}.lock")
+
+    # --- chunks -----------------------------------------------------------------------
+    def rows_of(self, i: int) -> tuple[int, int]:
+        return i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.rows)
+
+    def chunk_path(self, i: int) -> Path:
+        return self.chunk_dir / f"chunk-{i:06d}.npz"
+
+    def owned(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        return list(range(rank % world_size, self.num_chunks, world_size))
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.num_chunks) if not self.chunk_path(i).is_file()]
+
+    def complete(self) -> bool:
+        return self.meta_path.is_file()
+
+    def write_chunk(self, i: int, values, seconds: float = 0.0) -> None:
+        """Store rows ``rows_of(i)`` (atomically, with their checksum and the seconds they cost)."""
+        a, b = self.rows_of(i)
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape[0] != b - a or values.ndim != 2:
+            raise ValueError(f"chunk {i} must hold rows {a}..{b - 1}, got shape {values.shape}")
+        if not np.isfinite(values).all():
+            raise RelaError(f"the prior produced NaN or Inf features for images {a}..{b - 1}; "
+                            f"bank {self.path} not written")
+        with np.errstate(over="ignore"):  # overflow is checked right below, with a better message
+            stored = np.ascontiguousarray(values.astype(self.dtype))
+        if not np.isfinite(stored).all():
+            raise RelaError(f"features of images {a}..{b - 1} exceed the {self.dtype} range "
+                            f"(max |x| = {np.abs(values).max():.3g}); use bank_dtype float32")
+        digest = hashlib.sha256(stored).hexdigest()
+        atomic_write(self.chunk_path(i), lambda f: np.savez(f, values=stored, sha256=np.array(digest),
+                                                             seconds=np.array(seconds)))
+
+    def _read_chunk(self, i: int) -> tuple[np.ndarray, float]:
+        path = self.chunk_path(i)
+        try:
+            with np.load(path) as z:
+                values, digest, seconds = z["values"], str(z["sha256"]), float(z["seconds"])
+        except Exception as e:  # noqa: BLE001 - truncated or foreign file
+            raise RelaError(f"bank chunk {path} is unreadable ({type(e).__name__}); delete it to recompute") from None
+        a, b = self.rows_of(i)
+        if values.dtype != self.dtype or values.ndim != 2 or len(values) != b - a:
+            raise RelaError(f"bank chunk {path} holds {values.dtype} {values.shape}, expected {b - a} rows "
+                            f"of {self.dtype}; delete it to recompute")
+        if hashlib.sha256(np.ascontiguousarray(values)).hexdigest() != digest:
+            raise RelaError(f"bank chunk {path} fails its checksum; delete it to recompute")
+        return values, seconds
+
+    # --- the finished bank ------------------------------------------------------------
+    def assemble(self) -> dict:
+        """Join the chunks into the bank file and commit it; returns its metadata.
+
+        Runs under the bank's lock; if another process committed the bank first, its
+        metadata is returned and nothing is written.
+        """
+        with _locked(self.lock_path):
+            if self.complete():
+                return load_json(self.meta_path)
+            missing = self.missing()
+            if missing:
+                raise RelaError(f"bank {self.path} cannot be assembled: {len(missing)} of {self.num_chunks} "
+                                f"chunks missing (first: {missing[0]})")
+            start = time.perf_counter()
+            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)  # a killed assembly's temp file; only the lock holder writes one
+            dims, h, chunk_seconds = set(), hashlib.sha256(), 0.0
+
+            def write(f) -> None:
+                nonlocal chunk_seconds
+                first, _ = self._read_chunk(0)
+                dims.add(first.shape[1])
+                header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                          "shape": (self.rows, first.shape[1])}
+                np.lib.format.write_array_header_1_0(f, header)
+                for i in range(self.num_chunks):
+                    values, seconds = self._read_chunk(i)
+                    dims.add(values.shape[1])
+                    if len(dims) > 1:
+                        raise RelaError(f"bank chunks of {self.path} differ in width {sorted(dims)}; "
+                                        f"delete {self.chunk_dir} to recompute")
+                    h.update(values)
+                    f.write(values.tobytes())
+                    chunk_seconds += seconds
+
+            atomic_write(self.path, write)
+            dim, digest = dims.pop(), h.hexdigest()
+            # Verified once, here: a write that went wrong on its way to the disk shows now, not in training.
+            if _sha256_rows(np.load(self.path, mmap_mode="r"), dim) != digest:
+                self.path.unlink(missing_ok=True)
+                raise RelaError(f"bank file {self.path} failed its checksum right after writing (disk error?)")
+            meta = {"format": BANK_FORMAT, "key": self.key, **self.about, "rows": self.rows, "dim": dim,
+                    "dtype": self.dtype.name, "sha256": digest, "chunk_rows": self.chunk_rows,
+                    "extract_seconds": chunk_seconds + time.perf_counter() - start}
+            save_json(meta, self.meta_path)
+            shutil.rmtree(self.chunk_dir, ignore_errors=True)
+            return meta
+
+
+def meta_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process as torchrun or SLURM set them; (0, 1) outside a launcher."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), max(int(os.environ[world]), 1)
+    return 0, 1
 
 
 def extract(prior: Prior, dataset: ImageDataset, *, batch_size: int = 512, device="cpu",
             progress: bool = True) -> torch.Tensor:
+    """The prior's features of every image, in memory (float32); :func:`extract_chunks` fills a bank file."""
     prior.model.to(device)
     try:
         return embed(prior, dataset.images, batch_size=batch_size, device=device,
@@ -48,72 +248,159 @@ def extract(prior: Prior, dataset: ImageDataset, *, batch_size: int = 512, devic
         prior.model.cpu()
 
 
-def save_bank(path: Path, features: torch.Tensor, key: str, prior: Prior, dataset: ImageDataset,
-              extract_seconds: float = float("nan")) -> None:
-    save_torch({"format": BANK_FORMAT, "key": key, "prior": prior.name, "dataset": f"{dataset.name}:{dataset.split}",
-                "num_samples": len(dataset), "features": features, "extract_seconds": extract_seconds}, path)
+def extract_chunks(prior: Prior, dataset: ImageDataset, writer: BankWriter, *, rank: int = 0,
+                   world_size: int = 1, batch_size: int = 512, device="cpu", progress: bool = True) -> int:
+    """Compute this rank's missing chunks, then any other still missing; returns how many it wrote.
 
-
-def load_bank(path: Path, key: str, dataset: ImageDataset, *, with_meta: bool = False):
-    """Load a bank and check that it belongs to this prior and this dataset."""
+    Other ranks work through their chunks in ascending order, so leftovers are taken from the
+    end: the chunks the others would reach last.
+    """
+    own = writer.owned(rank, world_size)
+    others = sorted(set(range(writer.num_chunks)) - set(own), reverse=True)
+    written = 0
+    prior.model.to(device)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, ...
-        raise RelaError(f"bank file {path} is unreadable ({type(e).__name__}); delete it to rebuild") from None
-    if not isinstance(blob, dict) or blob.get("format") != BANK_FORMAT:
+        with tqdm(total=writer.num_chunks, desc=f"bank: {prior.name}", disable=not progress, leave=False) as bar:
+            for i in own + others:
+                if writer.complete():
+                    break
+                if writer.chunk_path(i).is_file():
+                    bar.update()
+                    continue
+                start = time.perf_counter()
+                a, b = writer.rows_of(i)
+                values = embed(prior, dataset.images[a:b], batch_size=batch_size, device=device)
+                writer.write_chunk(i, values.numpy(), time.perf_counter() - start)
+                written += 1
+                bar.update()
+    finally:
+        prior.model.cpu()
+    return written
+
+
+def open_bank(path: str | Path, key: str, dataset: ImageDataset | None = None, *,
+              verify: bool = False) -> tuple[np.ndarray, dict]:
+    """Memory-map a finished bank after checking it belongs to this prior and dataset.
+
+    Cheap checks only (metadata, header, file size); ``verify=True`` also re-hashes the data.
+    The array is mapped copy-on-write: writable for torch, while the file never changes.
+    """
+    path = Path(path)
+    meta_file = meta_path(path)
+    try:
+        meta = load_json(meta_file)
+    except FileNotFoundError:
+        raise RelaError(f"bank file {path} has no metadata file {meta_file.name}: not a finished ReLA bank "
+                        f"({BANK_FORMAT}); delete it or use another --bank path") from None
+    except (ValueError, OSError) as e:
+        raise RelaError(f"bank metadata {meta_file} is unreadable ({type(e).__name__}); delete it to rebuild") from None
+    if not isinstance(meta, dict) or meta.get("format") != BANK_FORMAT:
         raise RelaError(f"bank file {path} is not a ReLA bank ({BANK_FORMAT})")
-    if blob.get("key") != key:
+    expected = f"this prior and dataset {dataset.name}:{dataset.split}" if dataset is not None else "this key"
+    if meta.get("key") != key:
         raise RelaError(
-            f"bank file {path} was made for prior {blob.get('prior')!r} on {blob.get('dataset')!r}, "
-            f"not for this prior and dataset {dataset.name}:{dataset.split} (key mismatch); "
-            "delete it or use another --bank path")
-    feats = blob.get("features")
-    if not isinstance(feats, torch.Tensor) or feats.ndim != 2 or feats.shape[0] != len(dataset):
-        raise RelaError(f"bank file {path} has shape {getattr(feats, 'shape', None)}, "
-                        f"expected {len(dataset)} rows (one per training image)")
-    if not torch.isfinite(feats).all():
-        raise RelaError(f"bank file {path} contains NaN or Inf values")
-    return (feats.float(), blob) if with_meta else feats.float()
+            f"bank file {path} was made for prior {meta.get('prior')!r} on {meta.get('dataset')!r}, "
+            f"not for {expected} (key mismatch); delete it or use another --bank path")
+    rows, dim, dtype = meta.get("rows"), meta.get("dim"), meta.get("dtype")
+    if dataset is not None and rows != len(dataset):
+        raise RelaError(f"bank file {path} has {rows} rows, expected {len(dataset)} (one per training image)")
+    try:
+        array = np.load(path, mmap_mode="c")
+    except Exception as e:  # noqa: BLE001 - truncated, not a .npy file, ...
+        raise RelaError(f"bank file {path} is truncated or unreadable ({type(e).__name__}: {e}); "
+                        "delete it to rebuild") from None
+    if array.shape != (rows, dim) or array.dtype.name != dtype:
+        raise RelaError(f"bank file {path} holds {array.dtype} {array.shape}, but its metadata says "
+                        f"{dtype} ({rows}, {dim}); delete it to rebuild")
+    if path.stat().st_size != array.offset + array.nbytes:
+        raise RelaError(f"bank file {path} has {path.stat().st_size} bytes, expected "
+                        f"{array.offset + array.nbytes}; delete it to rebuild")
+    if verify and _sha256_rows(array, dim) != meta.get("sha256"):
+        raise RelaError(f"bank file {path} fails its sha256 checksum (corrupted on disk); delete it to rebuild")
+    return array, meta
 
 
 def load_or_extract(prior: Prior, dataset: ImageDataset, *, cache_dir: str | Path = ".cache/rela",
                     path: str | Path | None = None, device="cpu", progress: bool = True,
-                    batch_size: int = 512) -> tuple[torch.Tensor, dict]:
-    """Raw prior features for every training image, from the cache when the key matches.
+                    batch_size: int = 512, dtype: str = "float16", rank: int | None = None,
+                    world_size: int | None = None, chunk_rows: int = CHUNK_ROWS,
+                    verify: bool = False) -> tuple[torch.Tensor, dict]:
+    """Raw prior features for every training image (memory-mapped), extracted unless cached.
 
-    Returns the features and a small report. ``bank_seconds`` is what extracting
-    the bank cost, also when this call found it cached (a cache hit is not free
-    compute, only compute paid earlier); ``bank_load_seconds`` is this call's time.
+    ``rank``/``world_size`` shard the extraction (default: as torchrun or SLURM set them).
+    Returns the features (N x k, ``dtype``, backed by the bank file) and a small report.
+    ``bank_seconds`` is what extracting the bank cost, also when this call found it cached;
+    ``bank_load_seconds`` is this call's time.
     """
-    key = bank_key(prior, dataset)
-    path = Path(path) if path else Path(cache_dir) / f"bank-{key[:24]}.pt"
+    _check_dtype(dtype)
+    key = bank_key(prior, dataset, dtype)
+    path = Path(path) if path else Path(cache_dir) / f"bank-{key[:24]}.npy"
     start = time.perf_counter()
-    if path.is_file():
-        feats, meta = load_bank(path, key, dataset, with_meta=True)
-        hit, extract_seconds = True, float(meta.get("extract_seconds", float("nan")))
-    else:
-        feats = extract(prior, dataset, device=device, progress=progress, batch_size=batch_size)
-        hit, extract_seconds = False, time.perf_counter() - start
-        save_bank(path, feats, key, prior, dataset, extract_seconds)
-    return feats, {"bank_file": str(path), "bank_key": key, "bank_cache_hit": hit, "bank_seconds": extract_seconds,
+    writer = BankWriter(path, key, len(dataset), dtype=dtype, chunk_rows=chunk_rows,
+                        about={"prior": prior.name, "dataset": f"{dataset.name}:{dataset.split}"})
+    hit = writer.complete()
+    if not hit:
+        if path.exists() and not writer.chunk_dir.is_dir():
+            # Not ours to overwrite: an unrelated file, or a bank of an older format.
+            open_bank(path, key, dataset)
+        if rank is None or world_size is None:
+            rank, world_size = _distributed_rank()
+        extract_chunks(prior, dataset, writer, rank=rank, world_size=world_size, batch_size=batch_size,
+                       device=device, progress=progress)
+        writer.assemble()
+    array, meta = open_bank(path, key, dataset, verify=verify)
+    feats = torch.from_numpy(array)
+    return feats, {"bank_file": str(path), "bank_key": key, "bank_cache_hit": hit,
+                   "bank_seconds": float(meta["extract_seconds"]), "bank_dtype": dtype,
                    "bank_load_seconds": time.perf_counter() - start, "bank_shape": list(feats.shape)}
 
 
-def transport(features: torch.Tensor, m: int) -> Targets:
-    """Center, project on the top-m principal components, standardise each component."""
-    y = features.double()
-    y = y - y.mean(0)
-    cov = y.T @ y / max(len(y) - 1, 1)
+def _block64(features, a: int, b: int) -> torch.Tensor:
+    if isinstance(features, torch.Tensor):
+        return features[a:b].double()
+    return torch.from_numpy(np.array(features[a:b], dtype=np.float64))
+
+
+def transport(features, m: int) -> Targets:
+    """Center, project on the top-m principal components, standardise each component.
+
+    ``features`` (N x k tensor or array, e.g. a memory-mapped bank) is read in blocks; the mean
+    and covariance are merged over blocks in float64 (Chan et al.'s pairwise update, which
+    keeps the precision of a two-pass computation).
+    """
+    n, k = features.shape
+    mean = torch.zeros(k, dtype=torch.float64)
+    scatter = torch.zeros(k, k, dtype=torch.float64)
+    seen = 0
+    for a, b in _row_blocks(n, k):
+        y = _block64(features, a, b)
+        if not torch.isfinite(y).all():
+            raise RelaError(f"bank features contain NaN or Inf values (rows {a}..{b - 1})")
+        block_mean = y.mean(0)
+        yc = y - block_mean
+        delta = block_mean - mean
+        scatter += yc.T @ yc + torch.outer(delta, delta) * (seen * (b - a) / (seen + b - a))
+        mean += delta * ((b - a) / (seen + b - a))
+        seen += b - a
+    cov = scatter / max(n - 1, 1)
     eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
-    m = min(m, y.shape[1])
+    m = min(m, k)
     top = eigvecs[:, -m:].flip(1)  # descending variance
-    z = y @ top
-    z = z - z.mean(0)
-    std = z.pow(2).mean(0).sqrt()
+    z = torch.empty(n, m, dtype=torch.float32)
+    z_sum = torch.zeros(m, dtype=torch.float64)
+    z_sq = torch.zeros(m, dtype=torch.float64)
+    for a, b in _row_blocks(n, k):
+        block = (_block64(features, a, b) - mean) @ top
+        z_sum += block.sum(0)
+        z_sq += block.pow(2).sum(0)
+        z[a:b] = block.float()
+    z_mean = z_sum / n
+    std = (z_sq / n - z_mean.pow(2)).clamp_min(0).sqrt()
     # A component with (numerically) no variance carries no information; scaling it to unit
     # variance would turn rounding noise into a target, so it is set to zero instead.
     dead = std <= 1e-6 * std.max().clamp_min(1e-30)
-    z = torch.where(dead, torch.zeros_like(z), z / std.clamp_min(1e-30))
+    scale = torch.where(dead, torch.zeros_like(std), 1 / std.clamp_min(1e-30))
+    z.sub_(z_mean.float()).mul_(scale.float())
     total = eigvals.clamp_min(0).sum()
     explained = float(eigvals.flip(0)[:m].clamp_min(0).sum() / total) if total > 0 else 0.0
-    return Targets(z.float(), explained, features.shape[1])
+    return Targets(z, explained, k)

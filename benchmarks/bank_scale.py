@@ -1,0 +1,197 @@
+"""A bank at ImageNet scale: 1,281,167 x 2048 features (float16, ~5.2 GB) written, loaded, sampled.
+
+Run from the repository root (it needs ~2.2x the bank's size of free disk, checked first)::
+
+    nice -n 19 .venv/bin/python benchmarks/bank_scale.py                 # ImageNet-1k train size
+    nice -n 19 .venv/bin/python benchmarks/bank_scale.py --rows 100000   # a quick smoke run
+
+Random features go through :class:`rela.bank.BankWriter` chunk by chunk, exactly as an
+extraction writes them (atomic chunk files with checksums), and are assembled into one
+``.npy`` file (checksum verified once). Then:
+
+* **load**: :func:`rela.bank.open_bank` (memory map + metadata, header and size checks),
+  repeated; it must not depend on the bank's size. The full sha256 check (``verify=True``)
+  is timed once as well, to show what the cheap load avoids;
+* **gather**: random batches of 256 rows through the torch tensor ``load_or_extract`` returns
+  (a view of the memory map); time and resident memory (``/proc/self/status``: RssFile = mapped
+  file pages, RssAnon = the batch's own copy) before and after. *Cold*: the bank's pages are
+  first dropped from the page cache (``posix_fadvise(DONTNEED)``, for this file only), so each
+  row is read from disk; *warm*: the same batch again.
+
+The bank is written to a temporary folder (``--dir``, default /tmp) and deleted afterwards.
+Results: ``benchmarks/results/bank_scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rela.bank import BankWriter, open_bank
+from rela.io import save_json
+
+RESULTS = Path(__file__).parent / "results" / "bank_scale.json"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=1_281_167, help="images in the bank (ImageNet-1k train: 1,281,167)")
+    p.add_argument("--dim", type=int, default=2048, help="feature width (ResNet-50: 2048)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--chunk-rows", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dir", default="/tmp", help="where the temporary bank folder is made")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS))
+    return p.parse_args()
+
+
+def rss_mb() -> dict:
+    """Resident memory now, split into mapped-file pages and anonymous memory (MB)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) / 1024
+    return fields
+
+
+def drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def write_bank(args, path: Path, key: str) -> tuple[BankWriter, dict]:
+    writer = BankWriter(path, key, args.rows, dtype=args.dtype, chunk_rows=args.chunk_rows,
+                        about={"prior": "random-features", "dataset": f"simulated:{args.rows}x{args.dim}"})
+    rng = np.random.default_rng(args.seed)
+    start = time.perf_counter()
+    for i in range(writer.num_chunks):
+        a, b = writer.rows_of(i)
+        writer.write_chunk(i, rng.standard_normal((b - a, args.dim), dtype=np.float32))
+        if i % 10 == 0:
+            print(f"  chunk {i + 1}/{writer.num_chunks}", flush=True)
+    chunks_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    meta = writer.assemble()
+    return writer, {"chunks": writer.num_chunks, "write_chunks_seconds": chunks_seconds,
+                    "assemble_and_verify_seconds": time.perf_counter() - start,
+                    "extract_seconds_recorded": meta["extract_seconds"]}
+
+
+def measure_gathers(args, feats: torch.Tensor, path: Path) -> dict:
+    rng = np.random.default_rng(args.seed + 1)
+    row_bytes = feats.shape[1] * feats.element_size()
+    # each row spans at most ceil(row_bytes / PAGE) + 1 pages (it need not start on a page boundary)
+    touched_bound_mb = args.batch * (math.ceil(row_bytes / PAGE) + 1) * PAGE / 2**20
+    runs = []
+    for _ in range(args.repeats):
+        index = torch.from_numpy(rng.choice(len(feats), args.batch, replace=False))
+        drop_from_page_cache(path)
+        row = {}
+        for state in ("cold", "warm"):
+            before = rss_mb()
+            start = time.perf_counter()
+            batch = feats[index].float()
+            seconds = time.perf_counter() - start
+            after = rss_mb()
+            row[state] = {"seconds": seconds, "rss_delta_mb": after["VmRSS"] - before["VmRSS"],
+                          "rss_file_delta_mb": after["RssFile"] - before["RssFile"],
+                          "rss_anon_delta_mb": after["RssAnon"] - before["RssAnon"]}
+            assert batch.shape == (args.batch, feats.shape[1]) and torch.isfinite(batch).all()
+            del batch
+        runs.append(row)
+
+    def summary(state: str) -> dict:
+        keys = runs[0][state]
+        return {k: {"median": statistics.median(r[state][k] for r in runs),
+                    "max": max(r[state][k] for r in runs)} for k in keys}
+
+    return {"batch": args.batch, "repeats": args.repeats, "batch_mb": args.batch * row_bytes / 2**20,
+            "touched_pages_bound_mb": touched_bound_mb, "cold": summary("cold"), "warm": summary("warm"),
+            "runs": runs}
+
+
+def main() -> int:
+    args = parse_args()
+    itemsize = np.dtype(args.dtype).itemsize
+    bank_bytes = args.rows * args.dim * itemsize
+    workdir_parent = Path(args.dir)
+    free = shutil.disk_usage(workdir_parent).free
+    need = int(2.2 * bank_bytes)  # the chunks and the assembled file exist together for a moment
+    if free < need:
+        print(f"not enough free disk in {workdir_parent}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed",
+              file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="rela-bank-scale-", dir=workdir_parent))
+    key = "simulated-bank-" + "0" * 49
+    path = workdir / "bank.npy"
+    try:
+        print(f"writing {args.rows} x {args.dim} {args.dtype} ({bank_bytes / 1e9:.2f} GB) to {workdir}", flush=True)
+        rss_start = rss_mb()
+        start = time.perf_counter()
+        _, write = write_bank(args, path, key)
+        write["total_seconds"] = time.perf_counter() - start
+        file_bytes = path.stat().st_size
+        drop_from_page_cache(path)
+        rss_before_load = rss_mb()
+        load_seconds = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            array, meta = open_bank(path, key)
+            load_seconds.append(time.perf_counter() - start)
+        rss_after_load = rss_mb()
+        feats = torch.from_numpy(array)  # what load_or_extract returns: a view of the memory map
+        print(f"load: {', '.join(f'{s * 1e3:.2f} ms' for s in load_seconds)}", flush=True)
+        gather = measure_gathers(args, feats, path)
+        print(f"gather {args.batch} rows: cold {gather['cold']['seconds']['median'] * 1e3:.1f} ms, "
+              f"warm {gather['warm']['seconds']['median'] * 1e3:.2f} ms; RSS +{gather['cold']['rss_delta_mb']['median']:.1f} MB "
+              f"(bound {gather['touched_pages_bound_mb']:.1f} MB)", flush=True)
+        del feats, array
+        start = time.perf_counter()
+        open_bank(path, key, verify=True)
+        full_verify_seconds = time.perf_counter() - start
+        result = {
+            "rows": args.rows, "dim": args.dim, "dtype": args.dtype, "chunk_rows": args.chunk_rows,
+            "file_bytes": file_bytes, "file_gb": file_bytes / 1e9, "data_bytes": bank_bytes,
+            "write": write,
+            "load_seconds": load_seconds, "load_seconds_median": statistics.median(load_seconds),
+            "load_rss_delta_mb": rss_after_load["VmRSS"] - rss_before_load["VmRSS"],
+            "full_checksum_verify_seconds": full_verify_seconds,
+            "gather": gather,
+            "rss_mb": {"start": rss_start, "before_load": rss_before_load, "after_load": rss_after_load},
+            "meta": {"command": "nice -n 19 .venv/bin/python " + " ".join(sys.argv), "niced": True,
+                     "note": "ran at nice 19 next to other CPU jobs on a shared 2-core machine: times are upper "
+                             "bounds; the page cache of the bank file was dropped before the load and every cold "
+                             "gather (posix_fadvise DONTNEED)",
+                     "torch": torch.__version__, "numpy": np.__version__, "machine": platform.platform(),
+                     "cpu_count": os.cpu_count(), "free_disk_gb_before": free / 1e9},
+        }
+        save_json(result, args.out)
+        print(f"file {file_bytes / 1e9:.2f} GB; write {write['total_seconds']:.0f} s; load median "
+              f"{result['load_seconds_median'] * 1e3:.2f} ms; full checksum {full_verify_seconds:.1f} s; "
+              f"saved {args.out}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
