@@ -57,6 +57,7 @@ class TrainConfig:
     switch: str = "adaptive"
     bank: str | None = None  # explicit bank file; default: a content-keyed file under cache_dir
     cache_dir: str = ".cache/rela"
+    bank_dtype: str = "float16"  # float32 doubles the bank's size for features beyond fp16 range/precision
     # budget and optimisation
     ratio: float = 1.0
     epochs: int = 10
@@ -72,6 +73,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
     accelerator: str = "auto"
     devices: int = 1
+    num_nodes: int = 1  # machines (multi-node DDP, e.g. one SLURM task per device)
     precision: str = "auto"
     probe_every: int = 1  # epochs between k-NN probes for the cost curve; 0 disables
     progress: bool = True
@@ -83,7 +85,7 @@ class TrainConfig:
 
         if not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
             raise RelaError(f"ratio must be in (0, 1], got {self.ratio!r}")
-        for name in ("epochs", "batch_size", "devices"):
+        for name in ("epochs", "batch_size", "devices", "num_nodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RelaError(f"{name} must be an integer >= 1, got {value!r}")
@@ -103,6 +105,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise RelaError(f"{name} must be an integer >= 0, got {value!r}")
+        from rela.bank import BANK_DTYPES
+
+        if self.bank_dtype not in BANK_DTYPES:
+            raise RelaError(f"unknown bank_dtype {self.bank_dtype!r}; valid choices: {', '.join(BANK_DTYPES)}")
         if self.accelerator not in ACCELERATORS:
             raise RelaError(f"unknown accelerator {self.accelerator!r}; valid choices: {', '.join(ACCELERATORS)}")
         if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
