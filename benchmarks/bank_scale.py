@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -141,6 +142,8 @@ def main() -> int:
               file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="rela-bank-scale-", dir=workdir_parent))
+    # a SIGTERM (timeout, scheduler) still runs the clean-up below: gigabytes of temporary bank
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     key = "simulated-bank-" + "0" * 49
     path = workdir / "bank.npy"
     try:

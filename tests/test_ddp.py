@@ -80,7 +80,7 @@ def ddp_run(tmp_path_factory):
             "--devices", "2", "--accelerator", "cpu", "--out", str(out), "--cache-dir", str(base / "cache")]
     env = {**os.environ, "RELA_TEST_LOG": str(logs), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(driver), *args], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=base)
+                          timeout=600, cwd=base)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1)]
     return out, ranks
