@@ -10,7 +10,7 @@ On disk a bank is a memory-mappable array plus a small metadata file next to it:
   because a hit is compute paid earlier, not free compute).
 
 **Extraction is chunked and resumable.** Rows are computed in chunks of ``CHUNK_ROWS``; each
-chunk goes atomically (temp file + rename) into ``NAME.chunks-<key>/`` with its own checksum,
+chunk goes atomically (temp file + rename) into ``NAME.chunks-<key>-<rows>/`` with its own checksum,
 so a killed extraction resumes at the missing chunks. Several processes (ranks, GPUs) fill
 one bank: chunk ``i`` belongs to rank ``i % world_size``; a rank done with its own chunks
 computes any still missing, so a dead or mis-numbered rank cannot leave the bank unfinished
@@ -122,7 +122,8 @@ class BankWriter:
         self.about = dict(about or {})  # prior and dataset names, for the metadata and messages
         self.num_chunks = math.ceil(rows / chunk_rows)
         self.meta_path = meta_path(self.path)
-        self.chunk_dir = self.path.with_name(f"{self.path.name}.chunks-{key[:16]}")
+        # keyed by content and layout: chunks of another bank or another chunk size never mix
+        self.chunk_dir = self.path.with_name(f"{self.path.name}.chunks-{key[:16]}-{chunk_rows}")
         self.lock_path = self.path.with_name(f"{self.path.name}.lock")
 
     # --- chunks -----------------------------------------------------------------------

@@ -329,7 +329,7 @@ def test_killed_extraction_resumes_at_the_missing_chunks(tmp_path, data, monkeyp
     with pytest.raises(_Interrupted):
         load_or_extract(prior, data, cache_dir=tmp_path, progress=False, chunk_rows=10)
     key = bank_key(prior, data)
-    chunk_dir = tmp_path / f"bank-{key[:24]}.npy.chunks-{key[:16]}"
+    chunk_dir = tmp_path / f"bank-{key[:24]}.npy.chunks-{key[:16]}-10"
     assert _names(chunk_dir) == ["chunk-000000.npz", "chunk-000001.npz"]
     assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob("*.json"))
 
