@@ -15,6 +15,9 @@ from rela.errors import RelaError
 
 
 TEMP_SUFFIX = ".tmp"
+# mkstemp makes owner-only files; results should get the usual permissions (0666 less the umask).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _temp_prefix(path: Path) -> str:
@@ -32,6 +35,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=TEMP_SUFFIX)
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
