@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,9 +80,16 @@ def ddp_run(tmp_path_factory):
             "--epochs", str(EPOCHS), "--seed", str(SEED), "--probe-every", "0", "--no-progress",
             "--devices", "2", "--accelerator", "cpu", "--out", str(out), "--cache-dir", str(base / "cache")]
     env = {**os.environ, "RELA_TEST_LOG": str(logs), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(driver), *args], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=base)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # its own session: on a timeout the whole group goes, rank 1 (started by Lightning) included
+    proc = subprocess.Popen([sys.executable, str(driver), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=base, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     ranks = [json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1)]
     return out, ranks
 
