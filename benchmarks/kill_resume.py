@@ -10,12 +10,16 @@ backbone weights.
 
 How each moment is found:
 
-- ReLA phase, at the switch, SSL phase: the step counter of the run's progress bar (stdout), at a
-  step chosen from the uninterrupted run's switch step;
+- ReLA phase, at the switch, SSL phase: by polling ``last.ckpt``: once it holds a step at or past a
+  target chosen from the uninterrupted run's switch step (for "at the switch": the last checkpoint
+  before it), the kill lands ``AFTER_CHECKPOINT`` seconds later, a few steps into the next stretch
+  (Lightning's progress bar is no use here: through a pipe it prints only at the end);
 - bank extraction: the bank's progress bar appears (and no bank file exists after the kill);
 - checkpoint write: the run gets ``RELA_DEBUG_CHECKPOINT_DELAY`` (a pause inside every checkpoint
   write, after the temporary file is written and before it replaces ``last.ckpt``); the kill lands
   when a temporary checkpoint file appears after step 20 (and that file is still there after the kill).
+
+Reported per case: the step of the checkpoint the resumed run started from and the files left.
 
 Usage: ``python benchmarks/kill_resume.py [--work DIR] [--jobs N]``; results in
 ``benchmarks/results/kill_resume.json``. ``--jobs`` runs the cases side by side (they share nothing
@@ -28,7 +32,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -42,13 +45,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "kill_resume.json"
-STEPS_PER_EPOCH = 512 // 32
+EVERY = 4  # --checkpoint-every
 CONFIG = ["--dataset", "fashion-mnist", "--train-limit", "512", "--test-limit", "500", "--backbone", "convnet",
           "--method", "byol", "--prior", "random", "--switch", "adaptive:0.5", "--epochs", "4", "--batch-size", "32",
-          "--seed", "0", "--checkpoint-every", "4", "--probe-every", "0"]
+          "--seed", "0", "--checkpoint-every", str(EVERY), "--probe-every", "0"]
 EVAL = ["--linear-epochs", "20", "--no-progress"]
 CHECKPOINT_DELAY = "2"
-PROGRESS = re.compile(r"Epoch (\d+):\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+AFTER_CHECKPOINT = 2.0
 
 
 def rela(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
@@ -64,10 +67,11 @@ def finish(*args: str) -> None:
 
 
 class Watch:
-    """Reads a running ``rela train``'s output and tracks the last step its progress bar showed."""
+    """Follows a running ``rela train``: its output and the step of its latest checkpoint."""
 
-    def __init__(self, proc: subprocess.Popen):
-        self.proc, self.step, self.text = proc, -1, ""
+    def __init__(self, proc: subprocess.Popen, run: Path):
+        self.proc, self.run, self.text = proc, run, ""
+        self._stamp, self._step = None, -1
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -76,15 +80,24 @@ class Watch:
         while chunk := self.proc.stdout.read1(4096):
             buf = (buf + chunk)[-20000:]
             self.text = buf.decode(errors="replace")
-            for m in PROGRESS.finditer(self.text):
-                self.step = int(m.group(1)) * STEPS_PER_EPOCH + int(m.group(2))
+
+    @property
+    def step(self) -> int:
+        """global_step of last.ckpt (-1 before the first), reloaded only when the file changes."""
+        try:
+            st = (self.run / "checkpoints" / "last.ckpt").stat()
+        except FileNotFoundError:
+            return -1
+        if (st.st_ino, st.st_mtime_ns) != self._stamp:
+            self._stamp, self._step = (st.st_ino, st.st_mtime_ns), checkpoint_step(self.run)
+        return self._step
 
     def kill_when(self, moment, timeout: float = 1800) -> float:
         deadline = time.monotonic() + timeout
         while not moment(self):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the run ended before the kill moment:\n{self.text[-3000:]}")
-            time.sleep(0.005)
+            time.sleep(0.01)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         self.thread.join()
@@ -137,8 +150,14 @@ def main() -> None:
         raise SystemExit(f"the switch fired at step {switch}; pick a threshold that fires mid-run")
     print(f"uninterrupted: {reference}", flush=True)
 
-    def at_step(step: int):
-        return lambda w: w.step >= step
+    def after_checkpoint(step: int):
+        seen = {}
+
+        def moment(w: Watch) -> bool:
+            if w.step >= step:
+                seen.setdefault("at", time.monotonic())
+            return "at" in seen and time.monotonic() - seen["at"] >= AFTER_CHECKPOINT
+        return moment
 
     def in_bank_extraction(w: Watch) -> bool:
         return "bank" in w.text and w.step < 0
@@ -147,9 +166,9 @@ def main() -> None:
         return lambda w: w.step >= 20 and any((run / "checkpoints").glob(".last.ckpt.*.tmp"))
 
     cases = {
-        "rela_phase": (at_step(switch // 2 + 2), {}),
-        "at_switch": (at_step(switch + 1), {}),
-        "ssl_phase": (at_step((switch + total) // 2 + 2), {}),
+        "rela_phase": (after_checkpoint(switch // 2), {}),
+        "at_switch": (after_checkpoint(switch // EVERY * EVERY), {}),
+        "ssl_phase": (after_checkpoint((switch + total) // 2), {}),
         "bank_extraction": (in_bank_extraction, {}),
         "checkpoint_write": (in_checkpoint_write(work / "checkpoint_write"),
                              {"RELA_DEBUG_CHECKPOINT_DELAY": CHECKPOINT_DELAY}),
@@ -158,12 +177,11 @@ def main() -> None:
         moment, env = cases[name]
         run = work / name
         shutil.rmtree(run, ignore_errors=True)
-        watch = Watch(rela(*train_args(name), env=env))
+        watch = Watch(rela(*train_args(name), env=env), run)
         watch.kill_when(moment)
         cache_files = sorted(p.name for p in (run / "cache").glob("*")) if (run / "cache").is_dir() else []
         temp_files = sorted(p.name for p in (run / "checkpoints").glob("*.tmp")) if (run / "checkpoints").is_dir() else []
-        killed = {"progress_step_at_kill": watch.step if watch.step >= 0 else None,
-                  "checkpoint_step_after_kill": checkpoint_step(run),
+        killed = {"checkpoint_step_after_kill": checkpoint_step(run),
                   "bank_cache_files_after_kill": cache_files, "temp_checkpoint_files_after_kill": temp_files}
         finish(*train_args(name), "--no-progress", "--resume")
         finish("eval", str(run), *EVAL)
@@ -181,6 +199,7 @@ def main() -> None:
         "eval": " ".join(EVAL),
         "checkpoint_write_hook": f"RELA_DEBUG_CHECKPOINT_DELAY={CHECKPOINT_DELAY} (seconds paused inside each "
                                  "checkpoint write, before the rename)",
+        "kill_after_checkpoint_seconds": AFTER_CHECKPOINT,
         "uninterrupted": reference,
         "cases": results,
         "all_equal": all(r["equal"] for r in results.values()),
