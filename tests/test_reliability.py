@@ -95,7 +95,7 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(random_run, tmp_
     env = {**os.environ, train_module.CHECKPOINT_DELAY_ENV: "0.4"}
     proc = subprocess.Popen([sys.executable, "-m", "rela", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    writes, seen, deadline = 0, None, time.monotonic() + 300
+    writes, seen, deadline = 0, None, time.monotonic() + 900
     try:
         while writes < 4 and proc.poll() is None and time.monotonic() < deadline:
             temps = list((out / "checkpoints").glob(".last.ckpt.*.tmp"))
