@@ -233,8 +233,9 @@ def _strategy(cfg: TrainConfig):
         return "auto"
     # Every rank holds the same buffers by construction (images, labels, bank targets, switch state:
     # the switch sees the loss averaged over ranks), so DDP's per-step broadcast of them (~80 MB for
-    # Fashion-MNIST) is pure overhead.
-    return DDPStrategy(broadcast_buffers=False)
+    # Fashion-MNIST) is pure overhead. Which parameters get gradients changes at the switch (the
+    # method's heads sit out the ReLA phase, the transfer head the SSL phase), hence the unused-parameter search.
+    return DDPStrategy(broadcast_buffers=False, find_unused_parameters=True)
 
 
 def _check_out_dir(cfg: TrainConfig) -> Path:
