@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from rela.benchmarking import ResultsFile, fmt, train_and_evaluate
+from rela.io import save_text
 from rela.config import TrainConfig
 from rela.methods import METHODS
 
@@ -66,7 +67,7 @@ def write_table(runs: list[dict], path: Path, args) -> None:
             f"| {fmt([r['train_seconds'] for r in base], 1, 0)} | {fmt([r['train_seconds'] for r in rela], 1, 0)} "
             f"| {fmt([r['bank_seconds'] for r in rela], 1, 0)} "
             f"| {', '.join(str(r['switch_step']) if r['switch_step'] is not None else 'none' for r in rela)} |")
-    path.write_text("\n".join(lines) + "\n")
+    save_text("\n".join(lines) + "\n", path)
     print("\n".join(lines))
 
 

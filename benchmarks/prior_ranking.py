@@ -30,7 +30,7 @@ from rela.benchmarking import ResultsFile, fmt, train_and_evaluate
 from rela.config import TrainConfig
 from rela.data import load_dataset
 from rela.diagnose import SCORES, build_candidates, diagnose, learner_dim, rank_priors
-from rela.io import atomic_write, save_json
+from rela.io import save_json, save_text
 from rela.train import train
 
 RESULTS = Path(__file__).parent / "results"
@@ -150,7 +150,7 @@ def write_table(runs: list[dict], summary: dict, path: Path, args) -> None:
                   "(plain BYOL, `none`, is not a candidate; for class spread lower is better, so a useful "
                   "rho is negative):", "", "| score | rho | p |", "|---|---|---|"]
     lines += [f"| {name} | {v['rho']:.2f} | {v['p']:.2f} |" for name, v in summary.items() if isinstance(v, dict)]
-    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    save_text("\n".join(lines) + "\n", path)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def main() -> int:
     fits = {"bank_seconds": exponent(sizes, [r["extract"]["bank_seconds"] for r in rows]),
             "epoch_train_seconds": exponent(sizes, [r["epoch"]["train_seconds"] for r in rows]),
             "epoch_process_seconds": exponent(sizes, [r["epoch"]["process_seconds"] for r in rows])}
-    from rela.io import atomic_write, save_json
+    from rela.io import save_json, save_text
     import torch
 
     result = {"rows": rows, "fitted_exponent": fits, "meta": {
@@ -128,7 +128,7 @@ def main() -> int:
         lines.append(f"| {r['size']} | {e['bank_seconds']:.1f} | {e['peak_rss_mb']:.0f} | {t['train_seconds']:.1f} "
                      f"| {t['process_seconds']:.1f} | {t['peak_rss_mb']:.0f} |")
     lines += ["", "Fitted exponent b of seconds = a * N^b: " + ", ".join(f"{k} {v:.2f}" for k, v in fits.items())]
-    atomic_write(f"{args.out}.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    save_text("\n".join(lines) + "\n", f"{args.out}.md")
     print("exponents: " + ", ".join(f"{k} {v:.2f}" for k, v in fits.items()))
     return 0
 

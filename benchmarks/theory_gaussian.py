@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from rela.benchmarking import mean_std
-from rela.io import atomic_write, save_json
+from rela.io import atomic_write, save_json, save_text
 
 RESULTS = Path(__file__).parent / "results"
 HIDDEN = 32
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(f"{n} = {t:.3f}" for n, t in res["thresholds"].items())
           + f"; mean ± std over seeds {args.seeds}; {cpu:.0f} s CPU ({seconds:.0f} s wall).", "", "(a) modified variance", "", *table(res, "sigma"), "",
           "(b) re-labelling", "", *table(res, "p"), "", summary]
-    atomic_write(out / "theory_gaussian.md", lambda f: f.write(("\n".join(md) + "\n").encode()))
+    save_text("\n".join(md) + "\n", out / "theory_gaussian.md")
     print("\n".join(md))
 
 

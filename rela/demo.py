@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rela.config import TrainConfig
 from rela.evaluate import evaluate_run
-from rela.io import load_json, save_json
+from rela.io import load_json, save_json, save_text
 from rela.train import train
 
 
@@ -79,7 +79,7 @@ def run_demo(out: str = "runs/demo", epochs: int = 5, ratio: float = 0.2, seed: 
     plot = out_dir / "demo_cost.png"
     plot_cost_curves(runs, plot)
     save_json(runs, out_dir / "demo_summary.json")
-    (out_dir / "demo_summary.md").write_text(table + "\n")
+    save_text(table + "\n", out_dir / "demo_summary.md")
     print(f"\nFashion-MNIST, BYOL budget: {epochs} epochs x {ratio:.0%} of the data per epoch, seed {seed}\n")
     print(table)
     print(f"\nplot:    {plot}\nsummary: {out_dir / 'demo_summary.md'} and demo_summary.json")

@@ -41,7 +41,7 @@ from rela.data import RELA_VIEW, ImageDataset
 from rela.errors import RelaError
 from rela.evaluate import knn_accuracy
 from rela.features import embed
-from rela.io import atomic_write, save_json
+from rela.io import atomic_write, save_json, save_text
 from rela.priors import Prior, build_prior
 
 RIDGE_GRID = tuple(10.0 ** e for e in range(-6, 3))  # ridge strength relative to the mean eigenvalue
@@ -243,7 +243,7 @@ def write_diagnose(report: dict, out: str | Path) -> list[Path]:
     out = Path(out)
     files = [out / "diagnose.json", out / "diagnose.md", out / "diagnose.png"]
     save_json(report, files[0])
-    atomic_write(files[1], lambda f: f.write((diagnose_markdown(report) + "\n").encode()))
+    save_text(diagnose_markdown(report) + "\n", files[1])
     plot_diagnose(report, files[2])
     return files
 
@@ -352,5 +352,5 @@ def write_rank(report: dict, out: str | Path) -> list[Path]:
     out = Path(out)
     files = [out / "rank_priors.json", out / "rank_priors.md"]
     save_json(report, files[0])
-    atomic_write(files[1], lambda f: f.write((rank_markdown(report) + "\n").encode()))
+    save_text(rank_markdown(report) + "\n", files[1])
     return files

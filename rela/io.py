@@ -75,12 +75,16 @@ def save_torch(obj, path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def save_text(text: str, path) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def save_json(obj, path) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+    save_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
 def save_yaml(obj, path) -> None:
-    atomic_write(path, lambda f: f.write(yaml.safe_dump(obj, sort_keys=False).encode()))
+    save_text(yaml.safe_dump(obj, sort_keys=False), path)
 
 
 def load_json(path) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rela.benchmarking import ResultsFile, fmt, mean_std, train_and_evaluate
 from rela.config import TrainConfig
-from rela.io import atomic_write
+from rela.io import save_text
 
 TRAIN_IMAGES = 60_000
 ROWS = {
@@ -181,7 +181,7 @@ def write_sweep_report(grid: Grid) -> None:
             cells.append(f"{fmt([r['knn_top1'] for r in rs], 100)} / {fmt([r['linear_top1'] for r in rs], 100)}"
                          f" (switch at {', '.join(str(r['switch_step']) for r in rs)} of {rs[0]['steps']})" if rs else "-")
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
-    write_text(grid.results.path.with_suffix(".md"), "\n".join(lines) + "\n")
+    save_text("\n".join(lines) + "\n", grid.results.path.with_suffix(".md"))
     print("\n".join(lines))
 
 
@@ -267,15 +267,11 @@ def write_report(grid: Grid) -> None:
     headlines = headline(summary, args.budgets)
     lines += ["", "## Headline (computed)", "", *[f"- {h}" for h in headlines]]
     md = grid.results.path.with_suffix(".md")
-    write_text(md, "\n".join(lines) + "\n")
+    save_text("\n".join(lines) + "\n", md)
     print("\n".join(lines))
     plot(grid, summary)
     if not (args.holdout or args.train_limit):
         update_readme(Path("README.md"), headlines, md)
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 README_START, README_END = "<!-- table1-headline:start -->", "<!-- table1-headline:end -->"
@@ -289,7 +285,7 @@ def update_readme(readme: Path, headlines: list[str], md: Path) -> None:
     _, tail = rest.split(README_END, 1)
     block = "\n".join([README_START, f"Computed by `rela bench table1` (full table: [{md.name}]({md.as_posix()})):", "",
                        *[f"- {h}" for h in headlines], README_END])
-    write_text(readme, head + block + tail)
+    save_text(head + block + tail, readme)
 
 
 def plot(grid: Grid, summary: dict) -> None:
