@@ -1,0 +1,131 @@
+"""Is BYOL-full full? Choose Table 1's E by the rule of issue 13, from measured runs.
+
+    .venv/bin/python benchmarks/byol_convergence.py             # curve, then 3 seeds at E and 2E
+    .venv/bin/python benchmarks/byol_convergence.py --report-only
+
+1. The curve: BYOL on all 60k Fashion-MNIST training images for 4, 8, 16 and 32 epochs, seed 0,
+   each run with its own warm-up + cosine schedule over its own steps (a shorter run is not a
+   prefix of a longer one).
+2. E = the smallest epoch count e of the curve whose doubling adds < 1.0 k-NN(200) and < 0.5
+   linear points (seed 0).
+3. Seeds 1 and 2 at E and 2E, so the rule is checked on 3-seed means.
+
+Every finished run is stored in benchmarks/results/byol_convergence.json and skipped on a rerun,
+so the script resumes where it stopped. Evaluation: the test split, k-NN (k = 200 and 20) and a
+50-epoch linear probe on frozen features, exactly as in Table 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rela.benchmarking import ResultsFile, fmt, mean_std, train_and_evaluate
+from rela.config import TrainConfig
+from rela.io import save_text
+
+KNN_GAIN, LINEAR_GAIN = 1.0, 0.5  # points that doubling E may add, at most, for E to count as "full"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, nargs="+", default=[4, 8, 16, 32], help="the curve (seed 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds at the chosen E and 2E")
+    p.add_argument("--backbone", default="convnet")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--runs-dir", default="runs/byol_convergence")
+    p.add_argument("--results", default="benchmarks/results/byol_convergence.json")
+    p.add_argument("--report-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def run(results: ResultsFile, args, epochs: int, seed: int) -> dict:
+    done = results.find(epochs=epochs, seed=seed)
+    if done:
+        return done
+    print(f"[byol_convergence] BYOL {epochs} epochs, seed {seed}", flush=True)
+    cfg = TrainConfig(dataset="fashion-mnist", backbone=args.backbone, method="byol", prior="none", ratio=1.0,
+                      epochs=epochs, batch_size=args.batch_size, seed=seed, probe_every=0, progress=False,
+                      out=str(Path(args.runs_dir) / f"byol-{epochs}ep-s{seed}"))
+    m = train_and_evaluate(cfg)
+    record = {"epochs": epochs, "seed": seed, **{k: m.get(k) for k in (
+        "knn_top1", "knn20_top1", "linear_top1", "train_seconds", "wall_seconds", "steps", "images_seen")}}
+    results.add(record)
+    return record
+
+
+def by_epochs(results: ResultsFile, seeds=None) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for r in results.runs:
+        if seeds is None or r["seed"] in seeds:
+            out.setdefault(r["epochs"], []).append(r)
+    return dict(sorted(out.items()))
+
+
+def gain(runs: dict[int, list[dict]], e: int, metric: str) -> float | None:
+    if e not in runs or 2 * e not in runs:
+        return None
+    return 100 * (mean_std([r[metric] for r in runs[2 * e]])[0] - mean_std([r[metric] for r in runs[e]])[0])
+
+
+def choose_e(runs: dict[int, list[dict]]) -> int | None:
+    """The smallest e whose doubling adds < KNN_GAIN k-NN and < LINEAR_GAIN linear points."""
+    for e in runs:
+        g_knn, g_lin = gain(runs, e, "knn_top1"), gain(runs, e, "linear_top1")
+        if g_knn is not None and g_knn < KNN_GAIN and g_lin < LINEAR_GAIN:
+            return e
+    return None
+
+
+def report(results: ResultsFile, args) -> int | None:
+    curve = by_epochs(results, seeds={0})
+    chosen = choose_e(curve)
+    lines = ["# Is BYOL-full full? Fashion-MNIST, BYOL on all 60k training images, test split", "",
+             f"Command: `{results.meta['command']}`", "",
+             f"Rule: E = the smallest e whose doubling adds < {KNN_GAIN} k-NN(200) and < {LINEAR_GAIN} linear points "
+             "(seed 0); then seeds 1-2 at E and 2E.", "",
+             "| epochs | steps | seeds | k-NN(200) top-1 | k-NN(20) top-1 | linear top-1 | 2e - e: k-NN / linear (seed 0) | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e, rs in by_epochs(results).items():
+        g_knn, g_lin = gain(curve, e, "knn_top1"), gain(curve, e, "linear_top1")
+        doubling = f"{g_knn:+.2f} / {g_lin:+.2f}" if g_knn is not None else "-"
+        lines.append(f"| {e} | {rs[0]['steps']} | {len(rs)} | {fmt([r['knn_top1'] for r in rs], 100, 2)} | "
+                     f"{fmt([r['knn20_top1'] for r in rs], 100, 2)} | {fmt([r['linear_top1'] for r in rs], 100, 2)} | "
+                     f"{doubling} | {fmt([r['train_seconds'] for r in rs], 1, 0)} |")
+    lines.append("")
+    if chosen is None:
+        lines.append("No E of the curve meets the rule yet (or the curve is incomplete).")
+    else:
+        full = by_epochs(results, seeds=set(args.seeds))
+        g3 = (gain(full, chosen, "knn_top1"), gain(full, chosen, "linear_top1"))
+        lines.append(f"Chosen: E = {chosen} epochs (seed 0: doubling adds {gain(curve, chosen, 'knn_top1'):+.2f} k-NN, "
+                     f"{gain(curve, chosen, 'linear_top1'):+.2f} linear).")
+        if g3[0] is not None and len(full.get(chosen, [])) > 1:
+            lines.append(f"On the mean of seeds {sorted({r['seed'] for r in full[chosen]})}: 2E - E = "
+                         f"{g3[0]:+.2f} k-NN, {g3[1]:+.2f} linear.")
+    save_text("\n".join(lines) + "\n", results.path.with_suffix(".md"))
+    print("\n".join(lines))
+    return chosen
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results = ResultsFile(args.results, meta={"backbone": args.backbone, "batch_size": args.batch_size,
+                                              "dataset": "fashion-mnist", "method": "byol"},
+                          command=None if args.report_only else
+                          "python benchmarks/byol_convergence.py " + " ".join(argv or __import__("sys").argv[1:]))
+    if not args.report_only:
+        for e in args.epochs:
+            run(results, args, e, 0)
+            report(results, args)
+        chosen = choose_e(by_epochs(results, seeds={0}))
+        if chosen is not None:
+            for seed in args.seeds:
+                for e in (chosen, 2 * chosen):
+                    run(results, args, e, seed)
+                    report(results, args)
+    report(results, args)
+
+
+if __name__ == "__main__":
+    main()
