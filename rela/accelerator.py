@@ -5,7 +5,9 @@ targets; at 0 it trains with the base method alone. The adaptive switch flips
 once, when the ReLA loss plateaus; the constant switch flips after a fixed
 fraction of the epochs. A soft blend ``lam * L_rela + (1 - lam) * L_method``
 only needs another :class:`Switch` subclass whose ``weight`` returns values in
-between: the training step already handles it.
+between: the training step already handles it. The training step reads ``weight``
+before a step and hands the step's outcome to :meth:`Switch.step`, the one place a
+switch's state changes. Switch names are registered in :data:`rela.registry.SWITCHES`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rela.data.augment import RELA_VIEW, ViewAugment
-from rela.errors import RelaError
+from rela.registry import SWITCHES
 
 
 def rela_loss(pred_1: torch.Tensor, pred_2: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -36,14 +38,24 @@ class Switch(nn.Module):
         self.register_buffer("switch_step", torch.tensor(-1, dtype=torch.long))
 
     def weight(self, epoch: int) -> float:
-        """lambda, the weight of the ReLA loss for the coming step."""
+        """lambda, the weight of the ReLA loss for the coming step (reads the state, never changes it)."""
         return 0.0 if bool(self.switched) else 1.0
 
+    def step(self, lam: float, loss: float | None, step: int, epoch: int) -> None:
+        """The step taken with weight ``lam`` is done: ``loss`` is its ReLA loss (None when not computed).
+
+        At weight 0 the hand-over is recorded (once); otherwise the loss goes to :meth:`update`.
+        """
+        if lam == 0:
+            self.record_switch(step)
+        elif loss is not None:
+            self.update(loss, step, epoch)
+
     def update(self, loss: float, step: int, epoch: int) -> None:
-        """Called after each optimiser step taken with ReLA loss ``loss``."""
+        """React to the ReLA loss of a step; subclasses that watch the loss override it."""
 
     def record_switch(self, step: int) -> None:
-        """Mark the hand-over; the training step calls it when ``weight`` first reaches 0."""
+        """Mark the hand-over at ``step`` (the first step taken with weight 0)."""
         if not self.switched:
             self.switched.fill_(True)
             self.switch_step.fill_(step)
@@ -96,23 +108,43 @@ class NeverSwitch(Switch):
         return 1.0
 
 
-def build_switch(spec: str, epochs: int) -> Switch:
-    """``adaptive``, ``adaptive:THRESHOLD``, ``constant:FRACTION`` or ``never``."""
-    kind, _, arg = spec.partition(":")
+def _threshold(arg: str) -> float:
     try:
-        if kind == "adaptive":
-            return AdaptiveSwitch(float(arg)) if arg else AdaptiveSwitch()
-        if kind == "constant":
-            fraction = float(arg)
-            if not 0 <= fraction <= 1:
-                raise ValueError
-            return ConstantSwitch(fraction, epochs)
-        if kind == "never" and not arg:
-            return NeverSwitch()
+        return float(arg)
     except ValueError:
-        raise RelaError(f"bad switch {spec!r}: the number must be a float (constant: in [0, 1])") from None
-    raise RelaError(f"unknown switch {spec!r}; valid choices: adaptive, adaptive:THRESHOLD, "
-                    "constant:FRACTION, never")
+        raise ValueError("THRESHOLD must be a number") from None
+
+
+def _fraction(arg: str) -> float:
+    try:
+        fraction = float(arg)
+    except ValueError:
+        fraction = math.nan
+    if not 0 <= fraction <= 1:
+        raise ValueError("FRACTION must be a number in [0, 1]")
+    return fraction
+
+
+@SWITCHES.register("adaptive", arg="THRESHOLD", arg_optional=True, parse=_threshold,
+                   help="hand over when the ReLA loss plateaus, rho >= THRESHOLD, default 0.995")
+def _adaptive(threshold: float | None, *, epochs: int) -> Switch:
+    return AdaptiveSwitch() if threshold is None else AdaptiveSwitch(threshold)
+
+
+@SWITCHES.register("constant", arg="FRACTION", parse=_fraction,
+                   help="ReLA for the first FRACTION of the epochs")
+def _constant(fraction: float, *, epochs: int) -> Switch:
+    return ConstantSwitch(fraction, epochs)
+
+
+@SWITCHES.register("never", help="ReLA for the whole run: distillation only")
+def _never(*, epochs: int) -> Switch:
+    return NeverSwitch()
+
+
+def build_switch(spec: str, epochs: int) -> Switch:
+    """The switch ``spec`` names (see :data:`rela.registry.SWITCHES`), for a run of ``epochs`` epochs."""
+    return SWITCHES.create(spec, epochs=epochs)
 
 
 class ReLAAccelerator(nn.Module):

@@ -30,12 +30,7 @@ which is what memory-mapping avoids, and since every file is written by rename a
 file cannot appear under the bank's name; the remaining risk, bit rot on disk, is what
 ``verify=True`` is for.
 
-:func:`transport` turns raw features into ReLA's targets (PCA to m components, each
-standardised) reading the bank in blocks with float64 statistics, so the bank itself is never
-in memory at once. **Limit:** the targets (N x m float32, e.g. 60k x 128 = 31 MB; 1.28M x
-128 = 655 MB) are materialised and ride along to the training device, like the uint8 images
-of the in-memory datasets (:mod:`rela.data`); beyond that scale both would have to be
-indexed from disk per batch.
+What the bank's features become, ReLA's targets, is :mod:`rela.targets`.
 """
 
 from __future__ import annotations
@@ -47,7 +42,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -59,20 +54,14 @@ from rela.errors import RelaError
 from rela.features import embed
 from rela.io import atomic_write, load_json, save_json
 from rela.priors import Prior
+from rela.registry import BANK_DTYPES
+
+BANK_DTYPES.register("float16", help="the default, half the size")(partial(np.dtype, "float16"))
+BANK_DTYPES.register("float32", help="for features beyond float16's range or precision")(partial(np.dtype, "float32"))
 
 BANK_FORMAT = "rela-bank-v2"
-BANK_DTYPES = ("float16", "float32")
 CHUNK_ROWS = 16384
-BLOCK_BYTES = 64 << 20  # float64 working block of the chunked passes (transport, checksum)
-
-
-@dataclass
-class Targets:
-    """Transported targets plus what the transport kept."""
-
-    values: torch.Tensor  # N x m, zero mean and unit variance per column
-    explained_variance: float  # fraction of the prior's variance in the kept components
-    raw_dim: int
+BLOCK_BYTES = 64 << 20  # float64 working block of the chunked passes (checksum here, rela.targets.transport)
 
 
 def bank_key(prior: Prior, dataset: ImageDataset, dtype: str = "float16") -> str:
@@ -80,12 +69,11 @@ def bank_key(prior: Prior, dataset: ImageDataset, dtype: str = "float16") -> str
 
 
 def _check_dtype(dtype: str) -> np.dtype:
-    if dtype not in BANK_DTYPES:
-        raise RelaError(f"unknown bank dtype {dtype!r}; valid choices: {', '.join(BANK_DTYPES)}")
-    return np.dtype(dtype)
+    return BANK_DTYPES.create(dtype)
 
 
-def _row_blocks(rows: int, dim: int, itemsize: int = 8):
+def row_blocks(rows: int, dim: int, itemsize: int = 8):
+    """(start, stop) row ranges of about BLOCK_BYTES each: how the chunked passes read a bank."""
     step = max(1, BLOCK_BYTES // max(dim * itemsize, 1))
     return ((a, min(a + step, rows)) for a in range(0, rows, step))
 
@@ -93,7 +81,7 @@ def _row_blocks(rows: int, dim: int, itemsize: int = 8):
 def _sha256_rows(array, dim: int) -> str:
     """sha256 of a C-ordered array's bytes, read block by block (a memory map stays unread elsewhere)."""
     h = hashlib.sha256()
-    for a, b in _row_blocks(len(array), dim, array.dtype.itemsize):
+    for a, b in row_blocks(len(array), dim, array.dtype.itemsize):
         h.update(np.ascontiguousarray(array[a:b]))
     return h.hexdigest()
 
@@ -355,52 +343,10 @@ def load_or_extract(prior: Prior, dataset: ImageDataset, *, cache_dir: str | Pat
                    "bank_load_seconds": time.perf_counter() - start, "bank_shape": list(feats.shape)}
 
 
-def _block64(features, a: int, b: int) -> torch.Tensor:
-    if isinstance(features, torch.Tensor):
-        return features[a:b].double()
-    return torch.from_numpy(np.array(features[a:b], dtype=np.float64))
+def __getattr__(name: str):
+    """``transport`` and ``Targets`` moved to :mod:`rela.targets`; still importable from here."""
+    if name in ("transport", "Targets"):
+        import rela.targets
 
-
-def transport(features, m: int) -> Targets:
-    """Center, project on the top-m principal components, standardise each component.
-
-    ``features`` (N x k tensor or array, e.g. a memory-mapped bank) is read in blocks; the mean
-    and covariance are merged over blocks in float64 (Chan et al.'s pairwise update, which
-    keeps the precision of a two-pass computation).
-    """
-    n, k = features.shape
-    mean = torch.zeros(k, dtype=torch.float64)
-    scatter = torch.zeros(k, k, dtype=torch.float64)
-    seen = 0
-    for a, b in _row_blocks(n, k):
-        y = _block64(features, a, b)
-        if not torch.isfinite(y).all():
-            raise RelaError(f"bank features contain NaN or Inf values (rows {a}..{b - 1})")
-        block_mean = y.mean(0)
-        yc = y - block_mean
-        delta = block_mean - mean
-        scatter += yc.T @ yc + torch.outer(delta, delta) * (seen * (b - a) / (seen + b - a))
-        mean += delta * ((b - a) / (seen + b - a))
-        seen += b - a
-    cov = scatter / max(n - 1, 1)
-    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
-    m = min(m, k)
-    top = eigvecs[:, -m:].flip(1)  # descending variance
-    z = torch.empty(n, m, dtype=torch.float32)
-    z_sum = torch.zeros(m, dtype=torch.float64)
-    z_sq = torch.zeros(m, dtype=torch.float64)
-    for a, b in _row_blocks(n, k):
-        block = (_block64(features, a, b) - mean) @ top
-        z_sum += block.sum(0)
-        z_sq += block.pow(2).sum(0)
-        z[a:b] = block.float()
-    z_mean = z_sum / n
-    std = (z_sq / n - z_mean.pow(2)).clamp_min(0).sqrt()
-    # A component with (numerically) no variance carries no information; scaling it to unit
-    # variance would turn rounding noise into a target, so it is set to zero instead.
-    dead = std <= 1e-6 * std.max().clamp_min(1e-30)
-    scale = torch.where(dead, torch.zeros_like(std), 1 / std.clamp_min(1e-30))
-    z.sub_(z_mean.float()).mul_(scale.float())
-    total = eigvals.clamp_min(0).sum()
-    explained = float(eigvals.flip(0)[:m].clamp_min(0).sum() / total) if total > 0 else 0.0
-    return Targets(z, explained, k)
+        return getattr(rela.targets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,25 +13,26 @@ import sys
 
 from rela.config import TrainConfig
 from rela.errors import RelaError
+from rela.registry import BACKBONES, BANK_DTYPES, DATASETS, METHODS, PRIORS, SWITCHES, Registry
 
-# CLI flag -> (config field, type, help). Flags left out keep the config file's or the default value.
+# CLI flag -> (type, help); a registry as help lists its names. Flags left out keep the config
+# file's or the default value.
 TRAIN_FLAGS = {
-    "--dataset": (str, "fashion-mnist | cifar10 | cifar100 | imagefolder:PATH | synthetic"),
+    "--dataset": (str, DATASETS),
     "--data-root": (str, "folder holding the dataset files (default: $RELA_DATA, then system paths)"),
     "--train-limit": (int, "use only the first N training images"),
     "--test-limit": (int, "use only the first N test images"),
     "--image-size": (int, "imagefolder: side length images are resized to"),
     "--holdout": (int, "validation mode: train without the last N training images and evaluate on them"),
-    "--backbone": (str, "learner: convnet | resnet-narrow | resnet18 | torchvision:NAME | timm:NAME"),
-    "--method": (str, "base method: byol | simclr | mocov2 | simsiam | barlowtwins | vicreg | dino | supervised"),
-    "--prior": (str, "none | random | random:ARCH | checkpoint:PATH | torchvision:NAME | timm:NAME | "
-                     "open_clip:ARCH/TAG | hf:ID-OR-DIR"),
+    "--backbone": (str, BACKBONES),
+    "--method": (str, METHODS),
+    "--prior": (str, PRIORS),
     "--prior-weights": (str, "local state_dict file for a torchvision/timm prior (offline use)"),
     "--prior-seed": (int, "seed of a random prior (default: --seed + 1)"),
-    "--switch": (str, "adaptive | adaptive:THRESHOLD | constant:FRACTION | never"),
+    "--switch": (str, SWITCHES),
     "--bank": (str, "explicit bank file (default: content-keyed file in --cache-dir)"),
     "--cache-dir": (str, "folder for cached representation banks"),
-    "--bank-dtype": (str, "float16 (default) | float32: precision the bank is stored in"),
+    "--bank-dtype": (str, BANK_DTYPES),
     "--ratio": (float, "fraction of the data drawn afresh every epoch, in (0, 1]"),
     "--epochs": (int, "number of epochs (each over ratio * N images)"),
     "--max-steps": (int, "stop after this many optimizer steps (LR schedule spans them)"),
@@ -53,6 +54,9 @@ TRAIN_FLAGS = {
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
     for flag, (kind, help_text) in TRAIN_FLAGS.items():
+        if isinstance(help_text, Registry):
+            default = getattr(TrainConfig(), flag[2:].replace("-", "_"))
+            help_text = f"one of: {help_text.choices_help()}. Default: {default}"
         p.add_argument(flag, type=kind, default=None, help=help_text)
     p.add_argument("--download", action="store_true", default=None, help="allow torchvision to download CIFAR")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoints/last.ckpt")
@@ -100,11 +104,12 @@ def _cmd_demo(args) -> int:
 
 def _study_data(args):
     """Training and evaluation splits, learner dim and candidate priors of diagnose / rank-priors."""
-    from rela.data import load_dataset
+    from rela.build import load_data
     from rela.diagnose import build_candidates, learner_dim, parse_weights
 
-    train = load_dataset(args.dataset, "train", args.data_root, limit=args.train_limit)
-    test = load_dataset(args.dataset, "test", args.data_root, limit=args.test_limit)
+    cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, train_limit=args.train_limit,
+                      test_limit=args.test_limit, backbone=args.backbone).validate()
+    train, test = load_data(cfg, "train"), load_data(cfg, "test")
     candidates = build_candidates(args.models, train, backbone=args.backbone, seed=args.seed,
                                   weights=parse_weights(args.prior_weights))
     return train, test, learner_dim(args.backbone, train), candidates
@@ -134,13 +139,13 @@ def _cmd_rank_priors(args) -> int:
 
 def _add_study_flags(p: argparse.ArgumentParser, models_flag: str, out: str) -> None:
     p.add_argument(models_flag, dest="models", nargs="+", required=True, metavar="SPEC",
-                   help="prior specs: random[:ARCH] | checkpoint:PATH | torchvision:NAME | timm:NAME | "
-                        "open_clip:ARCH/TAG | hf:ID-OR-DIR")
-    p.add_argument("--dataset", default="fashion-mnist")
+                   help="prior specs, any but none: " + ", ".join(PRIORS.usages()[1:]))
+    p.add_argument("--dataset", default="fashion-mnist", help=", ".join(DATASETS.usages()))
     p.add_argument("--data-root", default=None)
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--backbone", default="convnet", help="learner whose feature dim sets the target dim m")
+    p.add_argument("--backbone", default="convnet",
+                   help="learner whose feature dim sets the target dim m: " + ", ".join(BACKBONES.usages()))
     p.add_argument("--prior-weights", nargs="+", default=None, metavar="SPEC=FILE",
                    help="local weights for a torchvision/timm/open_clip model, e.g. timm:resnet18=r18.pth")
     p.add_argument("--seed", type=int, default=0, help="seed of random priors and of the sampling")

@@ -1,4 +1,8 @@
-"""Run configuration: one dataclass, loadable from YAML, checked before anything runs."""
+"""Run configuration: one dataclass, loadable from YAML, checked before anything runs.
+
+Only data: the fields and the checks of their values (types, ranges, names known to
+:mod:`rela.registry`). Nothing is built or loaded here; :mod:`rela.build` does that.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ from typing import get_args, get_type_hints
 import torch
 import yaml
 
-from rela.errors import RelaError
+from rela.errors import RelaError, unknown
+from rela.registry import BACKBONES, BANK_DTYPES, DATASETS, METHODS, PRIORS, SWITCHES
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed")
 
 
 def _coerce(value, hint, where: str):
@@ -80,9 +86,6 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # method options (e.g. hidden_dim)
 
     def validate(self) -> "TrainConfig":
-        from rela.methods import METHODS
-        from rela.priors import PRIOR_CHOICES
-
         if not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
             raise RelaError(f"ratio must be in (0, 1], got {self.ratio!r}")
         for name in ("epochs", "batch_size", "devices", "num_nodes"):
@@ -96,41 +99,20 @@ class TrainConfig:
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1:
             raise RelaError(f"need lr > 0, weight_decay >= 0, 0 <= warmup < 1; got "
                             f"lr={self.lr}, weight_decay={self.weight_decay}, warmup={self.warmup}")
-        if self.method not in METHODS:
-            raise RelaError(f"unknown method {self.method!r}; valid choices: {', '.join(sorted(METHODS))}")
-        kind = self.prior.partition(":")[0]
-        if kind not in {c.partition(":")[0] for c in PRIOR_CHOICES}:
-            raise RelaError(f"unknown prior {self.prior!r}; valid choices: {', '.join(PRIOR_CHOICES)}")
         for name in ("probe_every", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise RelaError(f"{name} must be an integer >= 0, got {value!r}")
-        from rela.bank import BANK_DTYPES
-
-        if self.bank_dtype not in BANK_DTYPES:
-            raise RelaError(f"unknown bank_dtype {self.bank_dtype!r}; valid choices: {', '.join(BANK_DTYPES)}")
+        for registry, value in ((DATASETS, self.dataset), (BACKBONES, self.backbone), (METHODS, self.method),
+                                (PRIORS, self.prior), (SWITCHES, self.switch), (BANK_DTYPES, self.bank_dtype)):
+            registry.check(value)
         if self.accelerator not in ACCELERATORS:
-            raise RelaError(f"unknown accelerator {self.accelerator!r}; valid choices: {', '.join(ACCELERATORS)}")
+            raise unknown("accelerator", self.accelerator, ACCELERATORS)
         if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise RelaError(f"accelerator {self.accelerator!r} asked for, but no CUDA device is available")
-        from rela.accelerator import build_switch
-
-        build_switch(self.switch, self.epochs)  # raises on a bad spec, before any work is done
-        if self.precision not in ("auto", "32-true", "32", "16-mixed", "bf16-mixed"):
-            raise RelaError(f"unknown precision {self.precision!r}; valid choices: auto, 32-true, 16-mixed, bf16-mixed")
+        if self.precision not in PRECISIONS:
+            raise unknown("precision", self.precision, PRECISIONS)
         return self
-
-    def load_data(self, split: str):
-        """This run's training or evaluation split (the holdout split when ``holdout`` is set)."""
-        from rela.data import load_dataset
-
-        limit = self.train_limit if split == "train" else self.test_limit
-        return load_dataset(self.dataset, split, self.data_root, self.download, limit, self.image_size,
-                            holdout=self.holdout, skip_bad_images=self.skip_bad_images)
-
-    @property
-    def uses_rela(self) -> bool:
-        return self.prior != "none"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,7 +7,7 @@ dataset; :func:`rank_priors` orders candidate priors by a score that needs no
 labels and no SSL training, so it can choose a prior for unlabelled data.
 
 Definitions (all on the training split; ``Z`` = a model's transported targets,
-:func:`rela.bank.transport` with m = min(learner dim, prior dim)):
+:func:`rela.targets.transport` with m = min(learner dim, prior dim)):
 
 - ``explained_variance``: fraction of the raw features' variance in the m kept
   principal components.
@@ -36,13 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from rela.backbones import build_backbone
-from rela.bank import load_or_extract, transport
+from rela.bank import load_or_extract
+from rela.build import prior_for
 from rela.data import RELA_VIEW, ImageDataset
-from rela.errors import RelaError
+from rela.errors import RelaError, unknown
 from rela.evaluate import knn_accuracy
 from rela.features import embed
 from rela.io import atomic_write, save_json, save_text
-from rela.priors import Prior, build_prior
+from rela.priors import Prior
+from rela.targets import transport
 
 RIDGE_GRID = tuple(10.0 ** e for e in range(-6, 3))  # ridge strength relative to the mean eigenvalue
 
@@ -81,9 +83,8 @@ def build_candidates(specs: list[str], dataset: ImageDataset, *, backbone: str =
     for spec in specs:
         if spec == "none":
             raise RelaError("'none' is not a model; name a prior (random, checkpoint:PATH, timm:NAME, ...)")
-        prior = build_prior(spec, learner_arch=backbone, channels=dataset.channels, image_size=dataset.image_size,
-                            mean=dataset.mean, std=dataset.std, seed=seed, weights=weights.get(spec))
-        out.append(Candidate(spec, prior))
+        out.append(Candidate(spec, prior_for(spec, dataset, learner_arch=backbone, seed=seed,
+                                             weights=weights.get(spec))))
     return out
 
 
@@ -323,7 +324,7 @@ def rank_priors(candidates: list[Candidate], train_set: ImageDataset, *, target_
                 progress: bool = True, by: str = "stability") -> dict:
     """Score each candidate from its bank (plus one pass over augmented views); best first."""
     if by not in SCORES:
-        raise RelaError(f"unknown ranking score {by!r}; valid choices: {', '.join(SCORES)}")
+        raise unknown("ranking score", by, SCORES)
     rows = []
     for c in candidates:
         bank = _features(c, train_set, cache_dir, device, progress)

@@ -15,4 +15,5 @@ class RelaError(Exception):
 
 
 def unknown(kind: str, value: str, choices: Iterable[str]) -> RelaError:
-    return RelaError(f"unknown {kind} {value!r}; valid choices: {', '.join(sorted(choices))}")
+    """The error for a name that is not one of ``choices`` (listed in the order given)."""
+    return RelaError(f"unknown {kind} {value!r}; valid choices: {', '.join(choices)}")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rela.build import load_data
 from rela.config import TrainConfig
 from rela.data import Normalize
 from rela.data.augment import to_float
@@ -89,7 +90,7 @@ def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
     cfg.data_root, cfg.download = data_root or cfg.data_root, False
-    train, test = cfg.load_data("train"), cfg.load_data("test")
+    train, test = load_data(cfg, "train"), load_data(cfg, "test")
     normalize = Normalize(blob["mean"], blob["std"], blob["channels"])
     ftr = backbone_features(backbone, train.images, normalize, device=device, desc="eval: train" if progress else None)
     fte = backbone_features(backbone, test.images, normalize, device=device, desc="eval: test" if progress else None)

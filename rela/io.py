@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Callable, IO
@@ -15,9 +16,6 @@ from rela.errors import RelaError
 
 
 TEMP_SUFFIX = ".tmp"
-# mkstemp makes owner-only files; results should get the usual permissions (0666 less the umask).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def _temp_prefix(path: Path) -> str:
@@ -34,8 +32,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=TEMP_SUFFIX)
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        candidate = path.parent / f"{_temp_prefix(path)}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        # Created like open() creates files: mode 0666 less the umask (mkstemp would make it owner-only).
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        tmp = candidate  # ours from here on: removed if anything below fails
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

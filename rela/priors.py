@@ -16,6 +16,9 @@ trained: its input size, normalisation and channel count. Names:
   by hub id when online, or a local directory written by ``save_pretrained``.
 
 Any other ``torch.nn.Module`` becomes a prior with :meth:`Prior.from_module`.
+The names are registered in :data:`rela.registry.PRIORS`; every factory takes the
+learner's data description as keyword options (``learner_arch``, ``channels``,
+``image_size``, ``mean``, ``std``, ``seed``, ``weights``) and uses what it needs.
 """
 
 from __future__ import annotations
@@ -31,9 +34,8 @@ from rela.backbones import build_backbone, strip_classifier
 from rela.data.augment import Normalize, resize_center
 from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from rela.errors import RelaError
+from rela.registry import BACKBONES, PRIORS
 
-PRIOR_CHOICES = ("none", "random", "random:<arch>", "checkpoint:PATH", "torchvision:<name>", "timm:<name>",
-                 "open_clip:<arch>/<pretrained>", "hf:<model-id-or-dir>")
 BACKBONE_FILE_FORMAT = "rela-backbone-v1"
 
 
@@ -85,26 +87,29 @@ class Prior:
 def build_prior(spec: str, *, learner_arch: str, channels: int, image_size: int,
                 mean, std, seed: int = 0, weights: str | None = None) -> Prior | None:
     """Turn a prior name into a :class:`Prior` (``None`` for ``none``)."""
-    kind, _, arg = spec.partition(":")
-    if spec == "none":
-        return None
-    if kind == "random":
-        arch = arg or learner_arch
-        with torch.random.fork_rng(devices=[]):  # the prior's own seed, without moving the learner's RNG
-            torch.manual_seed(seed)
-            model, _ = build_backbone(arch, channels, image_size)
-        return Prior(f"random:{arch}:seed{seed}", model, image_size, tuple(mean), tuple(std), channels)
-    if kind == "checkpoint":
-        return load_backbone_prior(arg)
-    if kind == "torchvision":
-        return _torchvision_prior(arg, weights)
-    if kind == "timm":
-        return _timm_prior(arg, weights)
-    if kind == "open_clip":
-        return _open_clip_prior(arg, weights)
-    if kind == "hf":
-        return _hf_prior(arg, weights)
-    raise RelaError(f"unknown prior {spec!r}; valid choices: {', '.join(PRIOR_CHOICES)}")
+    return PRIORS.create(spec, learner_arch=learner_arch, channels=channels, image_size=image_size,
+                         mean=mean, std=std, seed=seed, weights=weights)
+
+
+@PRIORS.register("none", help="no prior: the plain base method")
+def _no_prior(**_) -> None:
+    return None
+
+
+def _backbone_name(arch: str) -> str:
+    BACKBONES.check(arch)
+    return arch
+
+
+@PRIORS.register("random", arg="ARCH", arg_optional=True, parse=_backbone_name,
+                 help="random init of ARCH, default the learner's architecture")
+def _random_prior(arch: str | None, *, learner_arch: str, channels: int, image_size: int, mean, std,
+                  seed: int, **_) -> Prior:
+    arch = arch or learner_arch
+    with torch.random.fork_rng(devices=[]):  # the prior's own seed, without moving the learner's RNG
+        torch.manual_seed(seed)
+        model, _ = build_backbone(arch, channels, image_size)
+    return Prior(f"random:{arch}:seed{seed}", model, image_size, tuple(mean), tuple(std), channels)
 
 
 def load_backbone_file(path: str | Path) -> dict:
@@ -131,6 +136,11 @@ def build_saved_backbone(blob: dict) -> nn.Module:
     except RuntimeError as e:
         raise RelaError(f"checkpoint {blob['path']} does not fit architecture {blob['arch']!r}: {e}") from None
     return model
+
+
+@PRIORS.register("checkpoint", arg="PATH", help="a run folder or backbone.pt of 'rela train'")
+def _checkpoint_prior(path: str, **_) -> Prior:
+    return load_backbone_prior(path)
 
 
 def load_backbone_prior(path: str) -> Prior:
@@ -185,7 +195,8 @@ def _load_state_dict(model: nn.Module, weights: str, what: str, state: dict | No
         raise RelaError(f"prior weights {path} do not fit {what}: missing {missing[:5]}, unexpected {extra[:5]}")
 
 
-def _torchvision_prior(name: str, weights: str | None) -> Prior:
+@PRIORS.register("torchvision", arg="NAME", help="pretrained weights by name, or --prior-weights FILE offline")
+def _torchvision_prior(name: str, weights: str | None = None, **_) -> Prior:
     from torchvision import models
 
     try:
@@ -208,7 +219,8 @@ def _torchvision_prior(name: str, weights: str | None) -> Prior:
     return Prior(f"torchvision:{name}", model, int(size), tuple(preset.mean), tuple(preset.std), 3)
 
 
-def _timm_prior(name: str, weights: str | None) -> Prior:
+@PRIORS.register("timm", arg="NAME", help="pretrained weights by name, or --prior-weights FILE offline")
+def _timm_prior(name: str, weights: str | None = None, **_) -> Prior:
     try:
         import timm
     except ImportError:
@@ -237,7 +249,9 @@ def _optional(module: str, extra: str, spec: str):
                         f"pip install 'rela[{extra}]'") from None
 
 
-def _open_clip_prior(arg: str, weights: str | None) -> Prior:
+@PRIORS.register("open_clip", arg="ARCH/TAG", help="an OpenCLIP image tower, rela[open_clip]; offline "
+                                                     "open_clip:ARCH --prior-weights FILE")
+def _open_clip_prior(arg: str, weights: str | None = None, **_) -> Prior:
     open_clip = _optional("open_clip", "open_clip", "open_clip")
     arch, _, tag = arg.partition("/")
     if arch not in open_clip.list_models():
@@ -294,7 +308,9 @@ class HFImageEncoder(nn.Module):
         return hidden.mean(1) if hidden.ndim == 3 else hidden.flatten(2).mean(2)
 
 
-def _hf_prior(model_id: str, weights: str | None) -> Prior:
+@PRIORS.register("hf", arg="ID-OR-DIR", help="a Hugging Face vision model, rela[hf]; offline a "
+                                               "save_pretrained folder")
+def _hf_prior(model_id: str, weights: str | None = None, **_) -> Prior:
     transformers = _optional("transformers", "hf", "hf")
     if weights:
         raise RelaError("hf priors load offline from a local folder written by save_pretrained: "

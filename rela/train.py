@@ -1,4 +1,4 @@
-"""Training, top to bottom: data -> prior -> bank -> accelerator -> method -> Lightning fit.
+"""Training, top to bottom: build the run (:func:`rela.build.prepare`) -> Lightning fit -> outputs.
 
 :func:`train` resolves every input first (dataset, backbone, prior, bank), so a
 bad name fails before the output folder exists; then it fits a
@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -26,21 +26,26 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
-from rela.accelerator import ReLAAccelerator, build_switch
-from rela.backbones import build_backbone
-from rela.bank import load_or_extract, transport
+from rela.accelerator import ReLAAccelerator
+from rela.build import prepare
 from rela.config import TrainConfig
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
 from rela.errors import RelaError
 from rela.evaluate import backbone_features, knn_accuracy
 from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
-from rela.methods import Method, build_method
-from rela.priors import BACKBONE_FILE_FORMAT, build_prior
+from rela.methods import Method
+from rela.priors import BACKBONE_FILE_FORMAT
 
 PROBE_TRAIN_IMAGES, PROBE_TEST_IMAGES = 5000, 2000
 # Test hook: seconds to pause inside every checkpoint write, after the temporary file is written and
 # before it replaces last.ckpt, so benchmarks/kill_resume.py can land a SIGKILL mid-write.
 CHECKPOINT_DELAY_ENV = "RELA_DEBUG_CHECKPOINT_DELAY"
+# Lightning warnings that do not apply to this trainer, silenced around fit() only.
+EXPECTED_WARNINGS = (
+    ".*does not have many workers.*",  # batches are index tensors into on-device images: no workers needed
+    ".*`training_step` returned `None`.*",
+    ".*resuming from a checkpoint that ended before the epoch ended.*",  # handled: see rela_sampler
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -72,7 +77,6 @@ class ReLAModule(L.LightningModule):
         self.register_buffer("labels", dataset.labels, persistent=False)
         self.budget = {"steps": 0, "images_seen": 0, "train_seconds": 0.0}
         self.history: list[dict] = []
-        self._rela_loss: torch.Tensor | None = None
         self._batch_start = 0.0
         self._batch_images = 0
         # Lightning builds the loader before it restores its own loop state, so its stateful-loader
@@ -105,16 +109,13 @@ class ReLAModule(L.LightningModule):
         step, max_steps = self.global_step, int(self.trainer.estimated_stepping_batches)
         self.method.update_momentum(step, max_steps)  # in the ReLA phase too (spec step 4)
         lam = self.rela.switch.weight(self.current_epoch) if self.rela is not None else 0.0
-        if self.rela is not None and lam == 0:
-            self.rela.switch.record_switch(step)
-        loss, logs = 0.0, {"lambda": lam}
+        loss, logs, rela_loss = 0.0, {"lambda": lam}, None
         if lam > 0:
             # ReLA phase: two cheap views regressed onto the prior's targets; no momentum forward.
             f1 = self.method.backbone(self.normalize(self.rela.view(x))).flatten(1)
             f2 = self.method.backbone(self.normalize(self.rela.view(x))).flatten(1)
             rela_loss = self.rela.loss(f1, f2, index)
             loss, features = lam * rela_loss, f1
-            self._rela_loss = rela_loss.detach()
             logs["rela_loss"] = rela_loss.detach()
         if lam < 1:
             out = self.method([self.normalize(view(x)) for view in self.method.views], y)
@@ -128,6 +129,10 @@ class ReLAModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise RelaError(f"the training loss became {loss.item()} at step {step}; "
                             "lower --lr (the last good checkpoint is kept)")
+        if self.rela is not None:
+            # Every rank must take the same decision: the switch sees the loss averaged over ranks.
+            mean_loss = None if rela_loss is None else self.all_gather(rela_loss.detach()).float().mean().item()
+            self.rela.switch.step(lam, mean_loss, step, self.current_epoch)
         self._batch_images = len(index)
         return loss + monitor_loss
 
@@ -136,17 +141,12 @@ class ReLAModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        # The step's bookkeeping lives here, not in on_train_batch_end: Lightning runs the callbacks'
+        # The budget is counted here, not in on_train_batch_end: Lightning runs the callbacks'
         # on_train_batch_end (the mid-epoch checkpoint) before the module's, and a checkpoint must
-        # hold the budget and switch state of the step it follows.
+        # hold the budget of the step it follows (the switch has seen that step in training_step).
         self.budget["train_seconds"] += time.perf_counter() - self._batch_start
         self.budget["steps"] += 1
         self.budget["images_seen"] += self._batch_images * self.trainer.world_size
-        if self._rela_loss is not None:
-            # Every rank must take the same decision: average the loss over ranks first.
-            loss = self.all_gather(self._rela_loss).float().mean().item()
-            self.rela.switch.update(loss, self.global_step, self.current_epoch)
-            self._rela_loss = None
 
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
@@ -248,44 +248,19 @@ def _check_out_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-@dataclass
-class Prepared:
-    """Everything a run needs, resolved and checked, before any output is written."""
-
-    module: ReLAModule
-    train_set: ImageDataset
-    test_set: ImageDataset | None
-    feature_dim: int
-    bank_info: dict
-    device: str
-
-
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Steps 1-3 of the pipeline: data, learner + method, prior -> bank -> accelerator."""
-    cfg.validate()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
-    # 1. data
-    train_set = cfg.load_data("train")
-    test_set = cfg.load_data("test") if cfg.probe_every else None
-    # 2. learner + base method
-    backbone, feature_dim = build_backbone(cfg.backbone, train_set.channels, train_set.image_size)
-    method = build_method(cfg.method, backbone, feature_dim, train_set.num_classes, **cfg.extra)
-    # 3. prior -> bank -> targets -> accelerator
-    prior = build_prior(cfg.prior, learner_arch=cfg.backbone, channels=train_set.channels,
-                        image_size=train_set.image_size, mean=train_set.mean, std=train_set.std,
-                        seed=cfg.seed + 1 if cfg.prior_seed is None else cfg.prior_seed,
-                        weights=cfg.prior_weights)
-    rela, info = None, {"bank_seconds": 0.0}
-    if prior is not None:
-        raw, info = load_or_extract(prior, train_set, cache_dir=cfg.cache_dir, path=cfg.bank, device=device,
-                                    progress=cfg.progress, dtype=cfg.bank_dtype)
-        targets = transport(raw, min(feature_dim, raw.shape[1]))
-        info.update(prior_name=prior.name, target_dim=targets.values.shape[1],
-                    target_explained_variance=targets.explained_variance)
-        rela = ReLAAccelerator(feature_dim, targets.values, build_switch(cfg.switch, cfg.epochs))
-    module = ReLAModule(cfg, method, rela, train_set)
-    return Prepared(module, train_set, test_set, feature_dim, info, device)
+@contextmanager
+def _quiet_lightning():
+    """Lightning's info banners and its warnings that do not apply here, off for this fit only."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for message in EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", message)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -294,8 +269,8 @@ def train(cfg: TrainConfig) -> dict:
     out = _check_out_dir(cfg)
     check_writable(out)
     wall_start = time.perf_counter()
-    run = prepare(cfg)
-    module, train_set = run.module, run.train_set
+    run = prepare(cfg)  # 1-3. data, learner + method, prior -> bank -> targets -> accelerator
+    module, train_set = ReLAModule(cfg, run.method, run.rela, run.train_set), run.train_set
     last = out / "checkpoints" / "last.ckpt"
     resuming = cfg.resume and last.is_file()
     if resuming:
@@ -312,20 +287,17 @@ def train(cfg: TrainConfig) -> dict:
                                  enable_version_counter=False, **when) for when in every]
     if run.test_set is not None:
         callbacks.insert(0, CostCurveProbe(train_set, run.test_set, cfg.probe_every))
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
-    warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")  # see rela_sampler
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, accelerator=cfg.accelerator, devices=cfg.devices,
-        num_nodes=cfg.num_nodes, strategy=_strategy(cfg), precision=_precision(cfg),
-        logger=CSVLogger(out, name="logs", version=""),
-        callbacks=callbacks, enable_progress_bar=cfg.progress, enable_model_summary=False,
-        log_every_n_steps=10, use_distributed_sampler=False, num_sanity_val_steps=0,
-        plugins=[AtomicCheckpointIO()],
-    )
-    module.wall_start = wall_start
-    trainer.fit(module, ckpt_path=str(last) if resuming else None)
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, accelerator=cfg.accelerator, devices=cfg.devices,
+            num_nodes=cfg.num_nodes, strategy=_strategy(cfg), precision=_precision(cfg),
+            logger=CSVLogger(out, name="logs", version=""),
+            callbacks=callbacks, enable_progress_bar=cfg.progress, enable_model_summary=False,
+            log_every_n_steps=10, use_distributed_sampler=False, num_sanity_val_steps=0,
+            plugins=[AtomicCheckpointIO()],
+        )
+        module.wall_start = wall_start
+        trainer.fit(module, ckpt_path=str(last) if resuming else None)
     if not trainer.is_global_zero:
         return {}
     # 5. outputs

@@ -11,14 +11,15 @@ import torch
 from rela.cli import main
 from rela.config import TrainConfig
 from rela.methods import METHODS
-from rela.train import prepare
+from rela.build import prepare
+from rela.train import ReLAModule
 
 MOMENTUM_METHODS = {"byol", "mocov2", "dino"}
 
 
 def _fit(cfg: TrainConfig, max_steps: int):
     run = prepare(cfg)
-    module = run.module
+    module = ReLAModule(cfg, run.method, run.rela, run.train_set)
     before = copy.deepcopy(module.method.state_dict())
     trainer = L.Trainer(max_steps=max_steps, max_epochs=cfg.epochs, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

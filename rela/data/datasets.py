@@ -6,8 +6,9 @@ keeping them as one tensor lets augmentation run on whole batches on the
 training device (see :mod:`rela.data.augment`) instead of per-image in
 worker processes.
 
-Names: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``imagefolder:PATH``,
-``digits`` (scikit-learn's 8x8 digits at 28x28), ``synthetic``.
+Names (registered in :data:`rela.registry.DATASETS`): ``fashion-mnist``, ``cifar10``,
+``cifar100``, ``imagefolder:PATH``, ``digits`` (scikit-learn's 8x8 digits at 28x28),
+``synthetic[:N]``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rela.errors import RelaError, unknown
-
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "digits", "synthetic")
+from rela.errors import RelaError
+from rela.registry import DATASETS
 FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -38,7 +38,6 @@ class ImageDataset:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    source: str = ""
     _fingerprint: str | None = field(default=None, repr=False)
     skipped: tuple[str, ...] = ()  # files left out because they did not decode (--skip-bad-images)
 
@@ -75,7 +74,7 @@ class ImageDataset:
             return self
         return ImageDataset(
             self.name, self.split, self.images[:limit].clone(), self.labels[:limit].clone(),
-            self.num_classes, self.mean, self.std, self.source, skipped=self.skipped,
+            self.num_classes, self.mean, self.std, skipped=self.skipped,
         )
 
 
@@ -104,21 +103,10 @@ def load_dataset(
             raise RelaError(f"holdout must be between 1 and {len(full) - 1} for {name}, got {holdout}")
         keep = slice(None, len(full) - holdout) if split == "train" else slice(len(full) - holdout, None)
         part = ImageDataset(full.name, f"{split}-holdout{holdout}", full.images[keep].clone(),
-                            full.labels[keep].clone(), full.num_classes, full.mean, full.std, full.source,
-                            skipped=full.skipped)
+                            full.labels[keep].clone(), full.num_classes, full.mean, full.std, skipped=full.skipped)
         return part.subset(limit)
-    if name == "fashion-mnist":
-        ds = _fashion_mnist(split, root)
-    elif name in ("cifar10", "cifar100"):
-        ds = _cifar(name, split, root, download)
-    elif name.startswith("imagefolder:"):
-        ds = _image_folder(name, split, image_size or 64, skip_bad_images)
-    elif name == "digits":
-        ds = _digits(split)
-    elif name == "synthetic" or name.startswith("synthetic:"):
-        ds = synthetic(name, split)
-    else:
-        raise unknown("dataset", name, DATASETS)
+    ds = DATASETS.create(name, split, root=root, download=download, image_size=image_size,
+                         skip_bad_images=skip_bad_images)
     return ds.subset(limit)
 
 
@@ -168,7 +156,8 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-def _fashion_mnist(split: str, root) -> ImageDataset:
+@DATASETS.register("fashion-mnist", help="IDX .gz files under --data-root, $RELA_DATA or Debian's path")
+def _fashion_mnist(split: str, root=None, **_) -> ImageDataset:
     d = fashion_mnist_root(root)
     img_file, lbl_file = (d / f for f in _FMNIST_FILES[split])
     for f in (img_file, lbl_file):
@@ -178,10 +167,20 @@ def _fashion_mnist(split: str, root) -> ImageDataset:
     labels = torch.from_numpy(read_idx(lbl_file).astype(np.int64))
     if len(images) != len(labels):
         raise RelaError(f"{img_file} and {lbl_file} disagree on the number of images")
-    return ImageDataset("fashion-mnist", split, images, labels, 10, (0.2860,), (0.3530,), str(d))
+    return ImageDataset("fashion-mnist", split, images, labels, 10, (0.2860,), (0.3530,))
 
 
 # --- CIFAR (torchvision) --------------------------------------------------------------
+
+@DATASETS.register("cifar10", help="torchvision; --download to fetch")
+def _cifar10(split: str, root=None, download: bool = False, **_) -> ImageDataset:
+    return _cifar("cifar10", split, root, download)
+
+
+@DATASETS.register("cifar100", help="torchvision; --download to fetch")
+def _cifar100(split: str, root=None, download: bool = False, **_) -> ImageDataset:
+    return _cifar("cifar100", split, root, download)
+
 
 def _cifar(name: str, split: str, root, download: bool) -> ImageDataset:
     from torchvision import datasets
@@ -198,17 +197,21 @@ def _cifar(name: str, split: str, root, download: bool) -> ImageDataset:
         mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     else:
         mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-    return ImageDataset(name, split, images, labels, len(ds.classes), mean, std, str(root))
+    return ImageDataset(name, split, images, labels, len(ds.classes), mean, std)
 
 
 # --- ImageFolder (one sub-folder per class) -----------------------------------------
 
-def _image_folder(name: str, split: str, image_size: int, skip_bad_images: bool = False) -> ImageDataset:
+@DATASETS.register("imagefolder", arg="PATH", help="one sub-folder per class; PATH/train + PATH/test or "
+                                                   "PATH/val when present; --image-size, default 64")
+def _image_folder(path: str, split: str, image_size: int | None = None, skip_bad_images: bool = False,
+                  **_) -> ImageDataset:
     from PIL import Image
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    base = Path(name.split(":", 1)[1]).expanduser()
+    image_size = image_size or 64
+    base = Path(path).expanduser()
     if not base.is_dir():
         raise RelaError(f"image folder {base} does not exist")
     names = ("train",) if split == "train" else ("test", "val")
@@ -243,12 +246,13 @@ def _image_folder(name: str, split: str, image_size: int, skip_bad_images: bool 
         images, labels = images[good], labels[good]
     ident = f"imagefolder:{base.resolve()}"
     return ImageDataset(ident, split, images, labels, len(folder.classes), IMAGENET_MEAN, IMAGENET_STD,
-                        str(split_dir), skipped=tuple(skipped))
+                        skipped=tuple(skipped))
 
 
 # --- scikit-learn's digits: a second, different small dataset -----------------------
 
-def _digits(split: str) -> ImageDataset:
+@DATASETS.register("digits", help="scikit-learn's 1,797 8x8 digits at 28x28, fixed 80/20 split")
+def _digits(split: str, **_) -> ImageDataset:
     """The 1,797 8x8 digits of scikit-learn, upsampled to 28x28 like MNIST; a fixed 80/20 split."""
     try:
         from sklearn.datasets import load_digits
@@ -264,10 +268,22 @@ def _digits(split: str) -> ImageDataset:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     cut = int(0.8 * len(order))
     idx = order[:cut] if split == "train" else order[cut:]
-    return ImageDataset("digits", split, images[idx], labels[idx], 10, (0.30,), (0.32,), "sklearn.datasets.load_digits")
+    return ImageDataset("digits", split, images[idx], labels[idx], 10, (0.30,), (0.32,))
 
 
 # --- synthetic (for tests) ------------------------------------------------------------
+
+def _training_size(arg: str) -> str:
+    if not arg.isdigit() or int(arg) < 1:
+        raise ValueError("synthetic:N needs a whole number N >= 1")
+    return arg
+
+
+@DATASETS.register("synthetic", arg="N", arg_optional=True, parse=_training_size,
+                   help="10 classes of noisy gratings, N training images (default 512); for tests")
+def _synthetic(size: str | None, split: str, **_) -> ImageDataset:
+    return synthetic(f"synthetic:{size}" if size else "synthetic", split)
+
 
 def synthetic(name: str = "synthetic", split: str = "train", n: int | None = None) -> ImageDataset:
     """Ten classes of noisy coloured gratings; learnable, so k-NN beats chance.
@@ -276,10 +292,7 @@ def synthetic(name: str = "synthetic", split: str = "train", n: int | None = Non
     """
     size, classes = 16, 10
     if n is None:
-        arg = name.split(":", 1)[1] if ":" in name else "512"
-        if not arg.isdigit() or int(arg) < 1:
-            raise RelaError(f"bad dataset {name!r}: synthetic:N needs a whole number N >= 1")
-        n_train = int(arg)
+        n_train = int(name.split(":", 1)[1]) if ":" in name else 512  # checked by _training_size
         n = n_train if split == "train" else max(n_train // 2, classes)
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
     labels = torch.arange(n) % classes
@@ -293,4 +306,4 @@ def synthetic(name: str = "synthetic", split: str = "train", n: int | None = Non
     tint = torch.stack([(labels % 2), (labels // 2) % 2, (labels // 5) % 2], 1).float() * 0.5 + 0.25
     img = 0.5 + 0.35 * wave[:, None] * tint[:, :, None, None] + 0.1 * torch.randn(n, 3, size, size, generator=g)
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
-    return ImageDataset(name, split, images, labels, classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), name)
+    return ImageDataset(name, split, images, labels, classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

@@ -5,8 +5,10 @@ from lightly.models.modules import BarlowTwinsProjectionHead
 
 from rela.data.augment import BYOL_VIEW_1, BYOL_VIEW_2
 from rela.methods.base import TwoViewMethod
+from rela.registry import METHODS
 
 
+@METHODS.register("barlowtwins", help="cross-correlation to the identity")
 class BarlowTwins(TwoViewMethod):
     views = (BYOL_VIEW_1, BYOL_VIEW_2)
 

@@ -8,8 +8,10 @@ from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 
 from rela.data.augment import BYOL_VIEW_1, BYOL_VIEW_2
 from rela.methods.base import Method, MethodOutput
+from rela.registry import METHODS
 
 
+@METHODS.register("byol", help="predicts a momentum network's projection of the other view")
 class BYOL(Method):
     views = (BYOL_VIEW_1, BYOL_VIEW_2)
 

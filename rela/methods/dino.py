@@ -11,8 +11,10 @@ from lightly.models.modules import DINOProjectionHead
 
 from rela.data.augment import DINO_VIEW_1, DINO_VIEW_2
 from rela.methods.base import Method, MethodOutput
+from rela.registry import METHODS
 
 
+@METHODS.register("dino", help="self-distillation, 2 global crops")
 class DINO(Method):
     views = (DINO_VIEW_1, DINO_VIEW_2)
 

@@ -11,8 +11,10 @@ from lightly.models.modules import MoCoProjectionHead
 
 from rela.data.augment import MOCO_VIEW
 from rela.methods.base import Method, MethodOutput
+from rela.registry import METHODS
 
 
+@METHODS.register("mocov2", help="contrastive against a queue of momentum keys")
 class MoCoV2(Method):
     views = (MOCO_VIEW, MOCO_VIEW)
 

@@ -5,8 +5,10 @@ from lightly.models.modules import SimCLRProjectionHead
 
 from rela.data.augment import SIMCLR_VIEW
 from rela.methods.base import TwoViewMethod
+from rela.registry import METHODS
 
 
+@METHODS.register("simclr", help="contrastive, NT-Xent over the batch")
 class SimCLR(TwoViewMethod):
     views = (SIMCLR_VIEW, SIMCLR_VIEW)
 

@@ -5,8 +5,10 @@ from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
 
 from rela.data.augment import SIMSIAM_VIEW
 from rela.methods.base import Method, MethodOutput
+from rela.registry import METHODS
 
 
+@METHODS.register("simsiam", help="predictor + stop-gradient")
 class SimSiam(Method):
     views = (SIMSIAM_VIEW, SIMSIAM_VIEW)
 

@@ -7,8 +7,10 @@ from torch import nn
 
 from rela.data.augment import SUPERVISED_VIEW
 from rela.methods.base import Method, MethodOutput
+from rela.registry import METHODS
 
 
+@METHODS.register("supervised", help="cross-entropy after the ReLA phase")
 class Supervised(Method):
     views = (SUPERVISED_VIEW,)
 
