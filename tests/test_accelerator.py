@@ -289,3 +289,16 @@ def test_byol_momentum_frozen_at_the_end_of_the_schedule(byol):
     byol.update_momentum(99, 100)  # m = 1 at the last step
     for (_, momentum), old in zip(_online_momentum_pairs(byol), before):
         assert torch.equal(momentum, old)
+
+
+def test_switch_step_is_the_one_place_state_changes():
+    switch = build_switch("adaptive:0.9999", 4)
+    switch.step(1.0, 0.5, 7, 0)  # a ReLA step: its loss enters the EMAs
+    assert float(switch.loss_fast) != 1.0 and not bool(switch.switched)
+    ema = float(switch.loss_fast)
+    switch.step(1.0, None, 8, 0)  # no ReLA loss computed: nothing to learn from
+    assert float(switch.loss_fast) == ema
+    constant = build_switch("constant:0.5", 4)
+    constant.step(0.0, None, 11, 2)  # the first step at weight 0 is the hand-over
+    constant.step(0.0, None, 12, 2)
+    assert bool(constant.switched) and int(constant.switch_step) == 11
