@@ -97,14 +97,18 @@ def train_and_evaluate(cfg: TrainConfig, *, linear_epochs: int = 50) -> dict:
 
 
 def run_cell(results: ResultsFile, key: dict, cfg: TrainConfig, keep: tuple[str, ...], message: str,
-             extra: dict | None = None) -> dict:
-    """The stored record of ``key``, or: print ``message``, train + evaluate ``cfg``, store key + metrics."""
+             extra: dict | None = None, derive=None) -> dict:
+    """The stored record of ``key``, or: print ``message``, train + evaluate ``cfg``, store the record.
+
+    The record: ``key``, ``extra``, the metrics named in ``keep``, then what ``derive(record)`` adds.
+    """
     done = results.find(**key)
     if done:
         return done
     print(message, flush=True)
     metrics = train_and_evaluate(cfg)
     record = {**key, **(extra or {}), **{k: metrics.get(k) for k in keep}}
+    record.update(derive(record) if derive else {})
     results.add(record)
     return record
 

@@ -1,10 +1,9 @@
 """Table 1 of the paper in miniature: budget x prior on Fashion-MNIST, 3 seeds, cost-to-accuracy plots.
 
-    rela bench table1                  # the whole grid (about 2 hours on 2 CPU cores)
-    rela bench table1 --seeds 0        # one seed first; rerun later to add seeds
-    rela bench table1 --holdout 10000  # validation mode (for choosing settings)
-    rela bench table1 --report-only    # tables/plots from what has run
-    python benchmarks/table1.py ...    # the same, from a source checkout
+    python benchmarks/table1.py                  # the whole grid (about 2 hours on 2 CPU cores)
+    python benchmarks/table1.py --seeds 0        # one seed first; rerun later to add seeds
+    python benchmarks/table1.py --holdout 10000  # validation mode (for choosing settings)
+    python benchmarks/table1.py --report-only    # tables/plots from what has run
 
 "Full budget" is BYOL for E epochs (--full-epochs) on all 60k images; budgets are fractions of its
 optimizer steps. Rows: 1 BYOL on a random subset each epoch; 2 BYOL on all data for fewer steps;
@@ -13,6 +12,10 @@ optimizer steps. Rows: 1 BYOL on a random subset each epoch; 2 BYOL on all data 
 (not free: it costs a full BYOL run); 7 distillation only (ReLA phase, no switch). Finished runs are
 kept in the JSON and skipped, so the grid can run in pieces. The cost of a run is its training
 seconds plus the seconds its bank took to extract.
+
+Writes table1.json / .md / _cost.png and byol_curve.png under --results (table1_val<N>.* with
+--holdout N); the README's headline comes from the committed table1.json through
+``make readme-tables``, never from this script.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import re
 import sys
 from pathlib import Path
 
-from rela.benchmarking import ResultsFile, fmt, mean_std, train_and_evaluate
+from common import (ResultsFile, add_output_args, command, fmt, mean_std, run_cell, shown, table_head,
+                    train_and_evaluate, write_report)
 from rela.config import TrainConfig
-from rela.io import save_text
+from rela.plotting import pyplot
 
 TRAIN_IMAGES = 60_000
 ROWS = {
@@ -38,10 +42,12 @@ ROWS = {
     "distill-only": "7. Distillation only (no switch)",
 }
 FREE_PRIOR_ROWS = ("rela-random-same", "rela-random-other", "rela-digits")
+RECORDED = ("knn_top1", "knn20_top1", "linear_top1", "wall_seconds", "train_seconds", "bank_seconds", "steps",
+            "images_seen", "switch_step", "rela_steps", "epochs", "ratio")
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="rela bench table1", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="benchmarks/table1.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full-epochs", type=int, default=4, help="E: epochs of BYOL-full")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.5])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -54,9 +60,7 @@ def parse_args(argv: list[str] | None = None):
                    help="switch of the ReLA rows (row 7 never switches); chosen on --holdout 10000, see the README")
     p.add_argument("--digits-epochs", type=int, default=100)
     p.add_argument("--holdout", type=int, default=None, help="validation mode: evaluate on the last N train images")
-    p.add_argument("--runs-dir", default="runs/table1")
-    p.add_argument("--results", default=None,
-                   help="default: benchmarks/results/table1.json (table1_val<N>.json with --holdout N)")
+    add_output_args(p, runs="table1")
     p.add_argument("--train-limit", type=int, default=None, help="smoke tests: use only the first N training images")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--sweep-switch", nargs="+", metavar="SPEC", default=None,
@@ -66,19 +70,23 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+def _costs(record: dict) -> dict:
+    return {"cost_seconds": record["train_seconds"] + (record["bank_seconds"] or 0.0),
+            "images_per_second": record["images_seen"] / record["train_seconds"]}
+
+
 class Grid:
     def __init__(self, args):
         self.args = args
         suffix = (f"_switch_val{args.holdout}" if args.sweep_switch else f"_val{args.holdout}") if args.holdout else ""
-        self.results = ResultsFile(args.results or Path("benchmarks/results") / f"table1{suffix}.json", meta={
+        self.results = ResultsFile(args.results / f"table1{suffix}.json", meta={
             "full_epochs": args.full_epochs, "backbone": args.backbone, "batch_size": args.batch_size,
             "switch": args.switch, "holdout": args.holdout, "train_limit": args.train_limit,
             "dataset": "fashion-mnist"},
-            command=None if args.report_only else "rela bench table1 " + " ".join(args.argv))
-        self.runs_dir = Path(args.runs_dir + suffix)
+            command=None if args.report_only else command(__file__, args.argv))
+        self.runs_dir = Path(f"{args.runs_dir}{suffix}")
         self.n_train = (args.train_limit or TRAIN_IMAGES) - (args.holdout or 0)
-        n_train = self.n_train
-        self.full_steps = args.full_epochs * (n_train // args.batch_size)
+        self.full_steps = args.full_epochs * (self.n_train // args.batch_size)
 
     def base(self, **kw) -> TrainConfig:
         extra = {"lr": self.args.lr} if self.args.lr else {}
@@ -86,19 +94,9 @@ class Grid:
                            holdout=self.args.holdout, train_limit=self.args.train_limit, probe_every=0, progress=False, **extra, **kw)
 
     def run(self, row: str, budget: float, seed: int, cfg: TrainConfig, prior_label: str) -> dict:
-        key = dict(row=row, budget=budget, seed=seed)
-        done = self.results.find(**key)
-        if done:
-            return done
-        print(f"[table1] {row} budget={budget} seed={seed} prior={cfg.prior}", flush=True)
-        m = train_and_evaluate(cfg)
-        record = {**key, "prior": prior_label, **{k: m.get(k) for k in (
-            "knn_top1", "knn20_top1", "linear_top1", "wall_seconds", "train_seconds", "bank_seconds", "steps",
-            "images_seen", "switch_step", "rela_steps", "epochs", "ratio")}, "out": cfg.out}
-        record["cost_seconds"] = record["train_seconds"] + (record["bank_seconds"] or 0.0)
-        record["images_per_second"] = record["images_seen"] / record["train_seconds"]
-        self.results.add(record)
-        return record
+        return run_cell(self.results, dict(row=row, budget=budget, seed=seed), cfg, RECORDED,
+                        f"[table1] {row} budget={budget} seed={seed} prior={cfg.prior}",
+                        extra={"prior": prior_label, "out": shown(cfg.out)}, derive=_costs)
 
     def out(self, name: str) -> str:
         return str(self.runs_dir / name)
@@ -166,47 +164,56 @@ class Grid:
 
 # --- report -----------------------------------------------------------------------------
 
+def runs_of(runs: list[dict], row: str, budget: float) -> list[dict]:
+    return [r for r in runs if r["row"] == row and math.isclose(r["budget"], budget)]
+
+
+def accuracy(rs: list[dict]) -> str:
+    """k-NN / linear top-1 (%) of some runs, mean ± std."""
+    return f"{fmt([r['knn_top1'] for r in rs], 100)} / {fmt([r['linear_top1'] for r in rs], 100)}"
+
+
 def write_sweep_report(grid: Grid) -> None:
     args, runs = grid.args, grid.results.runs
     lines = [f"# Switch of the ReLA rows, chosen on the last {args.holdout} training images (not the test split)", "",
              f"Command: `{grid.results.meta['command']}`", "",
              "Row 3 (ReLA, random-init prior), k-NN top-1 / linear top-1 (%) on the holdout split, "
              f"BYOL-full = {args.full_epochs} epochs of {grid.n_train} images.", "",
-             "| switch | " + " | ".join(f"{b:.0%} budget" for b in args.budgets) + " |",
-             "|---|" + "---|" * len(args.budgets)]
+             *table_head("switch", *(f"{b:.0%} budget" for b in args.budgets))]
     for spec in args.sweep_switch:
         cells = []
         for b in args.budgets:
-            rs = [r for r in runs if r["row"] == f"switch={spec}" and math.isclose(r["budget"], b)]
-            cells.append(f"{fmt([r['knn_top1'] for r in rs], 100)} / {fmt([r['linear_top1'] for r in rs], 100)}"
-                         f" (switch at {', '.join(str(r['switch_step']) for r in rs)} of {rs[0]['steps']})" if rs else "-")
+            rs = runs_of(runs, f"switch={spec}", b)
+            cells.append(f"{accuracy(rs)} (switch at {', '.join(str(r['switch_step']) for r in rs)} "
+                         f"of {rs[0]['steps']})" if rs else "-")
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
-    save_text("\n".join(lines) + "\n", grid.results.path.with_suffix(".md"))
-    print("\n".join(lines))
+    write_report(lines, grid.results.path.with_suffix(".md"))
 
 
 def summarise(runs: list[dict], budgets: list[float]) -> dict:
     def cell(row, budget):
-        rs = [r for r in runs if r["row"] == row and math.isclose(r["budget"], budget)]
+        rs = runs_of(runs, row, budget)
         return {"n": len(rs), **{k: mean_std([r[k] for r in rs]) for k in ("knn_top1", "linear_top1", "cost_seconds")},
                 "runs": rs}
     table = {row: {b: cell(row, b) for b in budgets} for row in ROWS}
     return {"table": table, "full": cell("byol-full", 1.0)}
 
 
+def budgets_of(runs: list[dict]) -> list[float]:
+    """The budgets the grid's rows ran at (what --budgets was)."""
+    return sorted({r["budget"] for r in runs if r["row"] in ROWS})
+
+
 def headline(summary: dict, budgets: list[float]) -> list[str]:
+    """Per ReLA row: the smallest budget that reaches BYOL-full's accuracy (mean - std), and its cost."""
     full = summary["full"]
     if not full["n"]:
         return ["BYOL-full has not run yet."]
     (k_mean, k_std), (l_mean, l_std), (c_mean, _) = full["knn_top1"], full["linear_top1"], full["cost_seconds"]
     lines = []
     for row in (*FREE_PRIOR_ROWS, "rela-fmnist-byol"):
-        hit = None
-        for b in sorted(budgets):
-            c = summary["table"][row][b]
-            if c["n"] and c["knn_top1"][0] >= k_mean - k_std and c["linear_top1"][0] >= l_mean - l_std:
-                hit = (b, c)
-                break
+        hit = next(((b, c) for b in sorted(budgets) if (c := summary["table"][row][b])["n"]
+                    and c["knn_top1"][0] >= k_mean - k_std and c["linear_top1"][0] >= l_mean - l_std), None)
         if hit:
             b, c = hit
             lines.append(f"{ROWS[row]}: reaches BYOL-full accuracy (k-NN {100 * c['knn_top1'][0]:.1f} vs "
@@ -218,37 +225,33 @@ def headline(summary: dict, budgets: list[float]) -> list[str]:
     return lines
 
 
-def write_report(grid: Grid) -> None:
-    args, runs = grid.args, grid.results.runs
-    summary = summarise(runs, args.budgets)
+def table_rows(summary: dict, budgets: list[float]) -> list[str]:
+    """One line per row: accuracy and relative cost per budget, bold where BYOL-full is reached."""
     full = summary["full"]
     k_lo = full["knn_top1"][0] - full["knn_top1"][1] if full["n"] else math.inf
     l_lo = full["linear_top1"][0] - full["linear_top1"][1] if full["n"] else math.inf
-    seeds = sorted({r["seed"] for r in runs})
-    lines = [f"# Table 1 in miniature: Fashion-MNIST, {args.backbone}, BYOL-full = {args.full_epochs} epochs "
-             f"({grid.full_steps} steps), batch {args.batch_size}, seeds {seeds}"
-             + (f", VALIDATION on the last {args.holdout} training images" if args.holdout else ""), "",
-             f"Command: `{grid.results.meta['command']}`", "",
-             "k-NN top-1 / linear top-1 (%, mean ± std over seeds); cost = training + bank seconds, "
-             "relative to BYOL-full. **Bold**: within BYOL-full's mean - std on both metrics.", "",
-             "| row | " + " | ".join(f"{b:.0%} budget" for b in args.budgets) + " |",
-             "|---|" + "---|" * len(args.budgets)]
+    lines = []
     for row, label in ROWS.items():
         cells = []
-        for b in args.budgets:
+        for b in budgets:
             c = summary["table"][row][b]
             if not c["n"]:
                 cells.append("-")
                 continue
-            text = (f"{fmt([r['knn_top1'] for r in c['runs']], 100)} / {fmt([r['linear_top1'] for r in c['runs']], 100)}"
-                    f" (cost {c['cost_seconds'][0] / full['cost_seconds'][0]:.2f})" if full["n"] else "")
+            text = f"{accuracy(c['runs'])} (cost {c['cost_seconds'][0] / full['cost_seconds'][0]:.2f})" if full["n"] else ""
             beats = c["knn_top1"][0] >= k_lo and c["linear_top1"][0] >= l_lo
             cells.append(f"**{text}**" if beats else text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if full["n"]:
-        lines.append(f"| BYOL-full (100%) | {fmt([r['knn_top1'] for r in full['runs']], 100)} / "
-                     f"{fmt([r['linear_top1'] for r in full['runs']], 100)} "
-                     f"(cost 1.00 = {full['cost_seconds'][0]:.0f} s) |" + " |" * (len(args.budgets) - 1))
+        lines.append(f"| BYOL-full (100%) | {accuracy(full['runs'])} "
+                     f"(cost 1.00 = {full['cost_seconds'][0]:.0f} s) |" + " |" * (len(budgets) - 1))
+    return lines
+
+
+def notes(grid: Grid, summary: dict) -> list[str]:
+    """Is E full (BYOL at 2E), where the ReLA rows switched, how fast the learner trains."""
+    args, runs, full = grid.args, grid.results.runs, summary["full"]
+    lines = []
     twice = [r for r in runs if r["row"] == f"byol-{2 * args.full_epochs}ep"]
     if twice and full["n"]:
         gain = 100 * (mean_std([r["knn_top1"] for r in twice])[0] - full["knn_top1"][0])
@@ -264,37 +267,30 @@ def write_report(grid: Grid) -> None:
         speed = mean_std([r["images_per_second"] for r in full["runs"]])[0]
         lines += ["", f"Learner throughput: BYOL-full trains {args.backbone} at {speed:.0f} images/s "
                   f"({grid.results.meta['threads']} CPU threads; two views + momentum forward per image)."]
-    headlines = headline(summary, args.budgets)
-    lines += ["", "## Headline (computed)", "", *[f"- {h}" for h in headlines]]
-    md = grid.results.path.with_suffix(".md")
-    save_text("\n".join(lines) + "\n", md)
-    print("\n".join(lines))
-    plot(grid, summary)
-    if not (args.holdout or args.train_limit):
-        update_readme(Path("README.md"), headlines, md)
+    return lines
 
 
-README_START, README_END = "<!-- table1-headline:start -->", "<!-- table1-headline:end -->"
+def write_table(grid: Grid) -> None:
+    args = grid.args
+    summary = summarise(grid.results.runs, args.budgets)
+    seeds = sorted({r["seed"] for r in grid.results.runs})
+    lines = [f"# Table 1 in miniature: Fashion-MNIST, {args.backbone}, BYOL-full = {args.full_epochs} epochs "
+             f"({grid.full_steps} steps), batch {args.batch_size}, seeds {seeds}"
+             + (f", VALIDATION on the last {args.holdout} training images" if args.holdout else ""), "",
+             f"Command: `{grid.results.meta['command']}`", "",
+             "k-NN top-1 / linear top-1 (%, mean ± std over seeds); cost = training + bank seconds, "
+             "relative to BYOL-full. **Bold**: within BYOL-full's mean - std on both metrics.", "",
+             *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)),
+             *table_rows(summary, args.budgets), *notes(grid, summary),
+             "", "## Headline (computed)", "", *[f"- {h}" for h in headline(summary, args.budgets)]]
+    write_report(lines, grid.results.path.with_suffix(".md"))
+    plot_cost(grid, summary)
+    plot_byol_curve(grid)
 
 
-def update_readme(readme: Path, headlines: list[str], md: Path) -> None:
-    """Replace the README's block between the table1-headline markers with the computed headline."""
-    if not readme.is_file() or README_START not in (text := readme.read_text()):
-        return
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    block = "\n".join([README_START, f"Computed by `rela bench table1` (full table: [{md.name}]({md.as_posix()})):", "",
-                       *[f"- {h}" for h in headlines], README_END])
-    save_text(head + block + tail, readme)
-
-
-def plot(grid: Grid, summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stem = grid.results.path.with_suffix("")
+def plot_cost(grid: Grid, summary: dict) -> None:
+    """Accuracy against cost, one line per row, BYOL-full's mean ± std as a band."""
+    plt = pyplot()
     full = summary["full"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, name in ((axes[0], "knn_top1", "k-NN"), (axes[1], "linear_top1", "linear")):
@@ -313,26 +309,29 @@ def plot(grid: Grid, summary: dict) -> None:
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle("Fashion-MNIST: accuracy vs. cost")
     fig.tight_layout()
-    fig.savefig(f"{stem}_cost.png", dpi=120)
+    fig.savefig(f"{grid.results.path.with_suffix('')}_cost.png", dpi=120)
     plt.close(fig)
 
-    # BYOL on all data against epochs: the runs of row 2 (fractions of E), E and 2E.
-    pts = [(r["images_seen"] / grid.n_train, r["knn_top1"], r["linear_top1"])
-           for r in grid.results.runs if r["row"] in ("byol-fewer-steps", "byol-full", f"byol-{2 * grid.args.full_epochs}ep")]
-    if pts:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        pts.sort()
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o", label="k-NN")
-        ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], "s", label="linear")
-        ax.axvline(grid.args.full_epochs, color="grey", ls=":", label="E (full)")
-        ax.set_xlabel("epochs of BYOL on all data")
-        ax.set_ylabel("top-1 (%)")
-        ax.set_title("BYOL accuracy curve (each point a separate run)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(stem.parent / f"byol_curve{'_val' if grid.args.holdout else ''}.png", dpi=120)
-        plt.close(fig)
+
+def plot_byol_curve(grid: Grid) -> None:
+    """BYOL on all data against epochs: the runs of row 2 (fractions of E), E and 2E."""
+    pts = sorted((r["images_seen"] / grid.n_train, r["knn_top1"], r["linear_top1"]) for r in grid.results.runs
+                 if r["row"] in ("byol-fewer-steps", "byol-full", f"byol-{2 * grid.args.full_epochs}ep"))
+    if not pts:
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o", label="k-NN")
+    ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], "s", label="linear")
+    ax.axvline(grid.args.full_epochs, color="grey", ls=":", label="E (full)")
+    ax.set_xlabel("epochs of BYOL on all data")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("BYOL accuracy curve (each point a separate run)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(grid.results.path.parent / f"byol_curve{'_val' if grid.args.holdout else ''}.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -340,13 +339,13 @@ def main(argv: list[str] | None = None) -> None:
     grid = Grid(args)
     if args.sweep_switch:
         if not args.holdout:
-            raise SystemExit("rela bench table1: --sweep-switch chooses a setting, so it needs --holdout N")
+            raise SystemExit("benchmarks/table1.py: --sweep-switch chooses a setting, so it needs --holdout N")
         if not args.report_only:
             grid.sweep_switch()
         return write_sweep_report(grid)
     if not args.report_only:
         grid.run_all()
-    write_report(grid)
+    write_table(grid)
 
 
 if __name__ == "__main__":
