@@ -1,16 +1,17 @@
 # make demo: set up .venv + Fashion-MNIST, then BYOL vs ReLA+BYOL at a reduced budget.
 # make test: the same set-up, then the test suite.
+# make readme-tables: the README's measured tables, regenerated from benchmarks/results/*.json.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test readme-tables clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,timm]'
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,6 +24,9 @@ demo: setup data
 
 test: setup data
 	$(BIN)/python -m pytest -q --durations=10
+
+readme-tables: setup
+	$(BIN)/python benchmarks/readme_tables.py
 
 clean:
 	rm -rf runs .cache .pytest_cache

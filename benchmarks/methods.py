@@ -3,61 +3,52 @@
     .venv/bin/python benchmarks/methods.py                 # default budget, 1 seed
     .venv/bin/python benchmarks/methods.py --seeds 0 1 2   # mean ± std over seeds
 
-Writes benchmarks/results/methods.json (one object per run; reruns skip finished
-runs) and methods.md (the table). Run folders go to runs/bench-methods/.
+Writes methods.json (one object per run; reruns skip finished runs) and methods.md (the table)
+under --results; run folders go to --runs-dir. The README's table comes from the committed
+methods.json through ``make readme-tables``.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 
-from rela.benchmarking import ResultsFile, fmt, train_and_evaluate
-from rela.io import save_text
+from common import ResultsFile, add_output_args, fmt, run_cell, table_head, write_report
 from rela.config import TrainConfig
 from rela.methods import METHODS
 
-RESULTS = Path(__file__).parent / "results"
+RECORDED = ("knn_top1", "linear_top1", "train_seconds", "bank_seconds", "wall_seconds", "steps", "images_seen",
+            "switch_step")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--backbone", default="convnet")
-    p.add_argument("--runs-dir", default="runs/bench-methods")
-    p.add_argument("--results", default=str(RESULTS / "methods.json"))
-    args = p.parse_args()
+    add_output_args(p, runs="bench-methods")
+    return p.parse_args(argv)
 
-    results = ResultsFile(args.results, meta={"ratio": args.ratio, "epochs": args.epochs,
-                                              "backbone": args.backbone, "dataset": "fashion-mnist"})
+
+def run_grid(results: ResultsFile, args) -> None:
     for seed in args.seeds:
         for method in args.methods:
             for prior in ("none", "random"):
                 key = dict(method=method, prior=prior, seed=seed, ratio=args.ratio, epochs=args.epochs,
                            backbone=args.backbone)
-                if results.find(**key):
-                    continue
-                out = Path(args.runs_dir) / f"{method}-{prior}-r{args.ratio}-e{args.epochs}-s{seed}"
-                print(f"[methods] {method} prior={prior} seed={seed} -> {out}", flush=True)
-                m = train_and_evaluate(TrainConfig(
-                    dataset="fashion-mnist", method=method, prior=prior, ratio=args.ratio, epochs=args.epochs,
-                    seed=seed, backbone=args.backbone, out=str(out), progress=False, probe_every=0))
-                results.add({**key, **{k: m[k] for k in (
-                    "knn_top1", "linear_top1", "train_seconds", "bank_seconds", "wall_seconds", "steps",
-                    "images_seen", "switch_step")}})
-    write_table(results.runs, Path(args.results).with_suffix(".md"), args)
+                out = args.runs_dir / f"{method}-{prior}-r{args.ratio}-e{args.epochs}-s{seed}"
+                cfg = TrainConfig(dataset="fashion-mnist", method=method, prior=prior, ratio=args.ratio,
+                                  epochs=args.epochs, seed=seed, backbone=args.backbone, out=str(out),
+                                  progress=False, probe_every=0)
+                run_cell(results, key, cfg, RECORDED, f"[methods] {method} prior={prior} seed={seed} -> {out}")
 
 
-def write_table(runs: list[dict], path: Path, args) -> None:
-    lines = [f"Fashion-MNIST, {args.backbone}, budget {args.epochs} epochs x ratio {args.ratio} "
-             f"(seeds: {sorted({r['seed'] for r in runs})}). ReLA = random-init prior, adaptive switch. "
-             "bank s: seconds to extract the prior's bank (one bank serves every method; '-' where a run "
-             "found it cached from before extraction times were recorded).", "",
-             "| method | k-NN top-1 (none) | k-NN top-1 (ReLA) | linear top-1 (none) | linear top-1 (ReLA) "
-             "| train s (none) | train s (ReLA) | bank s (ReLA) | switch step |", "|" + "---|" * 9]
+def table_lines(runs: list[dict]) -> list[str]:
+    """The markdown table: one line per method, without and with ReLA."""
+    lines = table_head("method", "k-NN top-1 (none)", "k-NN top-1 (ReLA)", "linear top-1 (none)",
+                       "linear top-1 (ReLA)", "train s (none)", "train s (ReLA)", "bank s (ReLA)", "switch step")
     for method in dict.fromkeys(r["method"] for r in runs):
         base = [r for r in runs if r["method"] == method and r["prior"] == "none"]
         rela = [r for r in runs if r["method"] == method and r["prior"] == "random"]
@@ -67,9 +58,25 @@ def write_table(runs: list[dict], path: Path, args) -> None:
             f"| {fmt([r['train_seconds'] for r in base], 1, 0)} | {fmt([r['train_seconds'] for r in rela], 1, 0)} "
             f"| {fmt([r['bank_seconds'] for r in rela], 1, 0)} "
             f"| {', '.join(str(r['switch_step']) if r['switch_step'] is not None else 'none' for r in rela)} |")
-    save_text("\n".join(lines) + "\n", path)
-    print("\n".join(lines))
+    return lines
+
+
+def write_table(runs: list[dict], path, args) -> None:
+    intro = (f"Fashion-MNIST, {args.backbone}, budget {args.epochs} epochs x ratio {args.ratio} "
+             f"(seeds: {sorted({r['seed'] for r in runs})}). ReLA = random-init prior, adaptive switch. "
+             "bank s: seconds to extract the prior's bank (one bank serves every method; '-' where a run "
+             "found it cached from before extraction times were recorded).")
+    write_report([intro, "", *table_lines(runs)], path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = ResultsFile(args.results / "methods.json", meta={"ratio": args.ratio, "epochs": args.epochs,
+                                                               "backbone": args.backbone, "dataset": "fashion-mnist"},
+                          command=None)
+    run_grid(results, args)
+    write_table(results.runs, results.path.with_suffix(".md"), args)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,9 +1,352 @@
-"""Table 1 of the paper in miniature; the code is rela/bench/table1.py (also ``rela bench table1``).
+"""Table 1 of the paper in miniature: budget x prior on Fashion-MNIST, 3 seeds, cost-to-accuracy plots.
 
-    .venv/bin/python benchmarks/table1.py --help
+    python benchmarks/table1.py                  # the whole grid (about 2 hours on 2 CPU cores)
+    python benchmarks/table1.py --seeds 0        # one seed first; rerun later to add seeds
+    python benchmarks/table1.py --holdout 10000  # validation mode (for choosing settings)
+    python benchmarks/table1.py --report-only    # tables/plots from what has run
+
+"Full budget" is BYOL for E epochs (--full-epochs) on all 60k images; budgets are fractions of its
+optimizer steps. Rows: 1 BYOL on a random subset each epoch; 2 BYOL on all data for fewer steps;
+3 ReLA + random init of the learner's architecture; 4 ReLA + random init of another architecture;
+5 ReLA + a BYOL model of scikit-learn's digits; 6 ReLA + the BYOL-full model of Fashion-MNIST
+(not free: it costs a full BYOL run); 7 distillation only (ReLA phase, no switch). Finished runs are
+kept in the JSON and skipped, so the grid can run in pieces. The cost of a run is its training
+seconds plus the seconds its bank took to extract.
+
+Writes table1.json / .md / _cost.png and byol_curve.png under --results (table1_val<N>.* with
+--holdout N); the README's headline comes from the committed table1.json through
+``make readme-tables``, never from this script.
 """
 
-from rela.bench.table1 import main
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+from common import (ResultsFile, add_output_args, command, fmt, mean_std, run_cell, shown, table_head,
+                    train_and_evaluate, write_report)
+from rela.config import TrainConfig
+from rela.plotting import pyplot
+
+TRAIN_IMAGES = 60_000
+ROWS = {
+    "byol-subset": "1. BYOL, random subset per epoch",
+    "byol-fewer-steps": "2. BYOL, all data, fewer steps",
+    "rela-random-same": "3. ReLA, random-init prior (same arch)",
+    "rela-random-other": "4. ReLA, random-init prior (other arch)",
+    "rela-digits": "5. ReLA, BYOL prior from digits",
+    "rela-fmnist-byol": "6. ReLA, BYOL-full prior of Fashion-MNIST (not free)",
+    "distill-only": "7. Distillation only (no switch)",
+}
+FREE_PRIOR_ROWS = ("rela-random-same", "rela-random-other", "rela-digits")
+RECORDED = ("knn_top1", "knn20_top1", "linear_top1", "wall_seconds", "train_seconds", "bank_seconds", "steps",
+            "images_seen", "switch_step", "rela_steps", "epochs", "ratio")
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(prog="benchmarks/table1.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full-epochs", type=int, default=4, help="E: epochs of BYOL-full")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.5])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--backbone", default="convnet")
+    p.add_argument("--other-arch", default="resnet-narrow", help="architecture of row 4's random prior")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--switch", default="constant:0.75",
+                   help="switch of the ReLA rows (row 7 never switches); chosen on --holdout 10000, see the README")
+    p.add_argument("--digits-epochs", type=int, default=100)
+    p.add_argument("--holdout", type=int, default=None, help="validation mode: evaluate on the last N train images")
+    add_output_args(p, runs="table1")
+    p.add_argument("--train-limit", type=int, default=None, help="smoke tests: use only the first N training images")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--sweep-switch", nargs="+", metavar="SPEC", default=None,
+                   help="validation only (needs --holdout): run row 3 with each switch spec instead of the grid")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def _costs(record: dict) -> dict:
+    return {"cost_seconds": record["train_seconds"] + (record["bank_seconds"] or 0.0),
+            "images_per_second": record["images_seen"] / record["train_seconds"]}
+
+
+class Grid:
+    def __init__(self, args):
+        self.args = args
+        suffix = (f"_switch_val{args.holdout}" if args.sweep_switch else f"_val{args.holdout}") if args.holdout else ""
+        self.results = ResultsFile(args.results / f"table1{suffix}.json", meta={
+            "full_epochs": args.full_epochs, "backbone": args.backbone, "batch_size": args.batch_size,
+            "switch": args.switch, "holdout": args.holdout, "train_limit": args.train_limit,
+            "dataset": "fashion-mnist"},
+            command=None if args.report_only else command(__file__, args.argv))
+        self.runs_dir = Path(f"{args.runs_dir}{suffix}")
+        self.n_train = (args.train_limit or TRAIN_IMAGES) - (args.holdout or 0)
+        self.full_steps = args.full_epochs * (self.n_train // args.batch_size)
+
+    def base(self, **kw) -> TrainConfig:
+        extra = {"lr": self.args.lr} if self.args.lr else {}
+        return TrainConfig(dataset="fashion-mnist", backbone=self.args.backbone, batch_size=self.args.batch_size,
+                           holdout=self.args.holdout, train_limit=self.args.train_limit, probe_every=0, progress=False, **extra, **kw)
+
+    def run(self, row: str, budget: float, seed: int, cfg: TrainConfig, prior_label: str) -> dict:
+        return run_cell(self.results, dict(row=row, budget=budget, seed=seed), cfg, RECORDED,
+                        f"[table1] {row} budget={budget} seed={seed} prior={cfg.prior}",
+                        extra={"prior": prior_label, "out": shown(cfg.out)}, derive=_costs)
+
+    def out(self, name: str) -> str:
+        return str(self.runs_dir / name)
+
+    # --- reference runs ------------------------------------------------------------------
+    def byol_full(self, seed: int, epochs: int | None = None) -> dict:
+        e = epochs or self.args.full_epochs
+        row = "byol-full" if e == self.args.full_epochs else f"byol-{e}ep"
+        return self.run(row, e / self.args.full_epochs, seed,
+                        self.base(prior="none", ratio=1.0, epochs=e, seed=seed, out=self.out(f"{row}-s{seed}")),
+                        "none")
+
+    def digits_prior(self) -> str:
+        out = self.runs_dir / "prior-digits-byol"
+        if not (out / "backbone.pt").is_file():
+            print("[table1] training the digits BYOL prior", flush=True)
+            train_and_evaluate(TrainConfig(dataset="digits", backbone=self.args.backbone, method="byol",
+                                           epochs=self.args.digits_epochs, batch_size=128, probe_every=0,
+                                           progress=False, seed=0, out=str(out)))
+        return f"checkpoint:{out}"
+
+    # --- the grid ------------------------------------------------------------------------
+    def cell(self, row: str, budget: float, seed: int) -> None:
+        name = f"{row}-b{budget}-s{seed}"
+        if row == "byol-subset":
+            cfg = self.base(prior="none", ratio=budget, epochs=self.args.full_epochs, seed=seed, out=self.out(name))
+            return self.run(row, budget, seed, cfg, "none")
+        if row == "byol-fewer-steps":
+            steps = round(budget * self.full_steps)
+            cfg = self.base(prior="none", ratio=1.0, epochs=math.ceil(budget * self.args.full_epochs),
+                            max_steps=steps, seed=seed, out=self.out(name))
+            return self.run(row, budget, seed, cfg, "none")
+        prior = {"rela-random-same": "random", "rela-random-other": f"random:{self.args.other_arch}",
+                 "distill-only": "random"}.get(row)
+        if row == "rela-digits":
+            prior = self.digits_prior()
+        if row == "rela-fmnist-byol":
+            self.byol_full(0)
+            prior = f"checkpoint:{self.out('byol-full-s0')}"
+        switch = "never" if row == "distill-only" else self.args.switch
+        cfg = self.base(prior=prior, switch=switch, ratio=budget, epochs=self.args.full_epochs, seed=seed,
+                        out=self.out(name))
+        label = re.sub(r"checkpoint:.*/", "checkpoint:", prior)
+        return self.run(row, budget, seed, cfg, label)
+
+    def run_all(self) -> None:
+        for seed in self.args.seeds:  # seed by seed, so a partial grid is already a full table
+            self.byol_full(seed)
+            if seed == self.args.seeds[0]:
+                self.byol_full(seed, 2 * self.args.full_epochs)  # does E deserve the name "full"?
+            for budget in self.args.budgets:
+                for row in self.args.rows:
+                    self.cell(row, budget, seed)
+
+    def sweep_switch(self) -> None:
+        """Choose the ReLA rows' switch on the holdout split: row 3 with each candidate switch."""
+        for seed in self.args.seeds:
+            for budget in self.args.budgets:
+                for spec in self.args.sweep_switch:
+                    name = f"switch-{spec.replace(':', '')}-b{budget}-s{seed}"
+                    cfg = self.base(prior="random", switch=spec, ratio=budget, epochs=self.args.full_epochs,
+                                    seed=seed, out=self.out(name))
+                    self.run(f"switch={spec}", budget, seed, cfg, "random")
+
+
+# --- report -----------------------------------------------------------------------------
+
+def runs_of(runs: list[dict], row: str, budget: float) -> list[dict]:
+    return [r for r in runs if r["row"] == row and math.isclose(r["budget"], budget)]
+
+
+def accuracy(rs: list[dict]) -> str:
+    """k-NN / linear top-1 (%) of some runs, mean ± std."""
+    return f"{fmt([r['knn_top1'] for r in rs], 100)} / {fmt([r['linear_top1'] for r in rs], 100)}"
+
+
+def write_sweep_report(grid: Grid) -> None:
+    args, runs = grid.args, grid.results.runs
+    lines = [f"# Switch of the ReLA rows, chosen on the last {args.holdout} training images (not the test split)", "",
+             f"Command: `{grid.results.meta['command']}`", "",
+             "Row 3 (ReLA, random-init prior), k-NN top-1 / linear top-1 (%) on the holdout split, "
+             f"BYOL-full = {args.full_epochs} epochs of {grid.n_train} images.", "",
+             *table_head("switch", *(f"{b:.0%} budget" for b in args.budgets))]
+    for spec in args.sweep_switch:
+        cells = []
+        for b in args.budgets:
+            rs = runs_of(runs, f"switch={spec}", b)
+            cells.append(f"{accuracy(rs)} (switch at {', '.join(str(r['switch_step']) for r in rs)} "
+                         f"of {rs[0]['steps']})" if rs else "-")
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    write_report(lines, grid.results.path.with_suffix(".md"))
+
+
+def summarise(runs: list[dict], budgets: list[float]) -> dict:
+    def cell(row, budget):
+        rs = runs_of(runs, row, budget)
+        return {"n": len(rs), **{k: mean_std([r[k] for r in rs]) for k in ("knn_top1", "linear_top1", "cost_seconds")},
+                "runs": rs}
+    table = {row: {b: cell(row, b) for b in budgets} for row in ROWS}
+    return {"table": table, "full": cell("byol-full", 1.0)}
+
+
+def budgets_of(runs: list[dict]) -> list[float]:
+    """The budgets the grid's rows ran at (what --budgets was)."""
+    return sorted({r["budget"] for r in runs if r["row"] in ROWS})
+
+
+def headline(summary: dict, budgets: list[float]) -> list[str]:
+    """Per ReLA row: the smallest budget that reaches BYOL-full's accuracy (mean - std), and its cost."""
+    full = summary["full"]
+    if not full["n"]:
+        return ["BYOL-full has not run yet."]
+    (k_mean, k_std), (l_mean, l_std), (c_mean, _) = full["knn_top1"], full["linear_top1"], full["cost_seconds"]
+    lines = []
+    for row in (*FREE_PRIOR_ROWS, "rela-fmnist-byol"):
+        hit = next(((b, c) for b in sorted(budgets) if (c := summary["table"][row][b])["n"]
+                    and c["knn_top1"][0] >= k_mean - k_std and c["linear_top1"][0] >= l_mean - l_std), None)
+        if hit:
+            b, c = hit
+            lines.append(f"{ROWS[row]}: reaches BYOL-full accuracy (k-NN {100 * c['knn_top1'][0]:.1f} vs "
+                         f"{100 * k_mean:.1f} ± {100 * k_std:.1f}, linear {100 * c['linear_top1'][0]:.1f} vs "
+                         f"{100 * l_mean:.1f} ± {100 * l_std:.1f}) at {b:.0%} of its steps, for "
+                         f"{c['cost_seconds'][0] / c_mean:.0%} of its wall-clock cost.")
+        else:
+            lines.append(f"{ROWS[row]}: does not reach BYOL-full accuracy within its std at any budget tried.")
+    return lines
+
+
+def table_rows(summary: dict, budgets: list[float]) -> list[str]:
+    """One line per row: accuracy and relative cost per budget, bold where BYOL-full is reached."""
+    full = summary["full"]
+    k_lo = full["knn_top1"][0] - full["knn_top1"][1] if full["n"] else math.inf
+    l_lo = full["linear_top1"][0] - full["linear_top1"][1] if full["n"] else math.inf
+    lines = []
+    for row, label in ROWS.items():
+        cells = []
+        for b in budgets:
+            c = summary["table"][row][b]
+            if not c["n"]:
+                cells.append("-")
+                continue
+            text = f"{accuracy(c['runs'])} (cost {c['cost_seconds'][0] / full['cost_seconds'][0]:.2f})" if full["n"] else ""
+            beats = c["knn_top1"][0] >= k_lo and c["linear_top1"][0] >= l_lo
+            cells.append(f"**{text}**" if beats else text)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if full["n"]:
+        lines.append(f"| BYOL-full (100%) | {accuracy(full['runs'])} "
+                     f"(cost 1.00 = {full['cost_seconds'][0]:.0f} s) |" + " |" * (len(budgets) - 1))
+    return lines
+
+
+def notes(grid: Grid, summary: dict) -> list[str]:
+    """Is E full (BYOL at 2E), where the ReLA rows switched, how fast the learner trains."""
+    args, runs, full = grid.args, grid.results.runs, summary["full"]
+    lines = []
+    twice = [r for r in runs if r["row"] == f"byol-{2 * args.full_epochs}ep"]
+    if twice and full["n"]:
+        gain = 100 * (mean_std([r["knn_top1"] for r in twice])[0] - full["knn_top1"][0])
+        gain_l = 100 * (mean_std([r["linear_top1"] for r in twice])[0] - full["linear_top1"][0])
+        lines += ["", f"BYOL at 2E = {2 * args.full_epochs} epochs vs E: k-NN {gain:+.2f}, linear {gain_l:+.2f} points "
+                  f"({'E is full: < 1 point' if max(gain, gain_l) < 1 else 'E is NOT full: 2E adds >= 1 point'})."]
+    switches = [r for r in runs if r["row"].startswith("rela-")]
+    if switches:
+        lines += ["", "Switch steps (ReLA rows): " + ", ".join(
+            f"{r['row']}@{r['budget']:.0%}/s{r['seed']}: {r['switch_step'] if r['switch_step'] is not None else 'none'}"
+            f" of {r['steps']}" for r in switches)]
+    if full["n"]:
+        speed = mean_std([r["images_per_second"] for r in full["runs"]])[0]
+        lines += ["", f"Learner throughput: BYOL-full trains {args.backbone} at {speed:.0f} images/s "
+                  f"({grid.results.meta['threads']} CPU threads; two views + momentum forward per image)."]
+    return lines
+
+
+def write_table(grid: Grid) -> None:
+    args = grid.args
+    summary = summarise(grid.results.runs, args.budgets)
+    seeds = sorted({r["seed"] for r in grid.results.runs})
+    lines = [f"# Table 1 in miniature: Fashion-MNIST, {args.backbone}, BYOL-full = {args.full_epochs} epochs "
+             f"({grid.full_steps} steps), batch {args.batch_size}, seeds {seeds}"
+             + (f", VALIDATION on the last {args.holdout} training images" if args.holdout else ""), "",
+             f"Command: `{grid.results.meta['command']}`", "",
+             "k-NN top-1 / linear top-1 (%, mean ± std over seeds); cost = training + bank seconds, "
+             "relative to BYOL-full. **Bold**: within BYOL-full's mean - std on both metrics.", "",
+             *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)),
+             *table_rows(summary, args.budgets), *notes(grid, summary),
+             "", "## Headline (computed)", "", *[f"- {h}" for h in headline(summary, args.budgets)]]
+    write_report(lines, grid.results.path.with_suffix(".md"))
+    plot_cost(grid, summary)
+    plot_byol_curve(grid)
+
+
+def plot_cost(grid: Grid, summary: dict) -> None:
+    """Accuracy against cost, one line per row, BYOL-full's mean ± std as a band."""
+    plt = pyplot()
+    full = summary["full"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, name in ((axes[0], "knn_top1", "k-NN"), (axes[1], "linear_top1", "linear")):
+        if full["n"]:
+            m, s = full[metric]
+            ax.axhspan(100 * (m - s), 100 * (m + s), color="grey", alpha=0.3, label="BYOL-full (mean ± std)")
+        for row, label in ROWS.items():
+            pts = [(c["cost_seconds"][0], 100 * c[metric][0], 100 * c[metric][1])
+                   for c in summary["table"][row].values() if c["n"]]
+            if pts:
+                xs, ys, es = zip(*sorted(pts))
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+        ax.set_xlabel("cost: training + bank extraction (s, 2 CPU cores)")
+        ax.set_ylabel(f"{name} top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Fashion-MNIST: accuracy vs. cost")
+    fig.tight_layout()
+    fig.savefig(f"{grid.results.path.with_suffix('')}_cost.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_byol_curve(grid: Grid) -> None:
+    """BYOL on all data against epochs: the runs of row 2 (fractions of E), E and 2E."""
+    pts = sorted((r["images_seen"] / grid.n_train, r["knn_top1"], r["linear_top1"]) for r in grid.results.runs
+                 if r["row"] in ("byol-fewer-steps", "byol-full", f"byol-{2 * grid.args.full_epochs}ep"))
+    if not pts:
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o", label="k-NN")
+    ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], "s", label="linear")
+    ax.axvline(grid.args.full_epochs, color="grey", ls=":", label="E (full)")
+    ax.set_xlabel("epochs of BYOL on all data")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("BYOL accuracy curve (each point a separate run)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(grid.results.path.parent / f"byol_curve{'_val' if grid.args.holdout else ''}.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    grid = Grid(args)
+    if args.sweep_switch:
+        if not args.holdout:
+            raise SystemExit("benchmarks/table1.py: --sweep-switch chooses a setting, so it needs --holdout N")
+        if not args.report_only:
+            grid.sweep_switch()
+        return write_sweep_report(grid)
+    if not args.report_only:
+        grid.run_all()
+    write_table(grid)
+
 
 if __name__ == "__main__":
     main()

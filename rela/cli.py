@@ -154,18 +154,21 @@ def _add_study_flags(p: argparse.ArgumentParser, models_flag: str, out: str) -> 
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-BENCHMARKS = {"table1": "rela.bench.table1"}
+def _version() -> str:
+    """The installed distribution's version; the package's own when rela runs from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("rela")
+    except PackageNotFoundError:
+        from rela import __version__
 
-def _cmd_bench(args) -> int:
-    import importlib
-
-    importlib.import_module(BENCHMARKS[args.name]).main(args.args)
-    return 0
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rela", description="ReLA: the Representation Learning Accelerator")
+    parser.add_argument("--version", action="version", version=f"rela {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a learner, with or without a ReLA prior")
     _add_train_flags(p)
@@ -195,10 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2048, help="augmented views scored per prior")
     p.add_argument("--score", default="stability", help="stability | retrieval | effective_rank")
     p.set_defaults(func=_cmd_rank_priors)
-    p = sub.add_parser("bench", help="run a benchmark of the package (rela bench table1 --help)")
-    p.add_argument("name", choices=sorted(BENCHMARKS))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
-    p.set_defaults(func=_cmd_bench)
     return parser
 
 

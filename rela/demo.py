@@ -13,6 +13,7 @@ from pathlib import Path
 from rela.config import TrainConfig
 from rela.evaluate import evaluate_run
 from rela.io import load_json, save_json, save_text
+from rela.plotting import pyplot, require_plots
 from rela.train import train
 
 
@@ -28,10 +29,7 @@ def _run(cfg: TrainConfig, progress: bool) -> dict:
 
 
 def plot_cost_curves(runs: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, m in runs.items():
@@ -66,6 +64,7 @@ def format_table(runs: dict[str, dict]) -> str:
 
 def run_demo(out: str = "runs/demo", epochs: int = 5, ratio: float = 0.2, seed: int = 0,
              data_root: str | None = None, train_limit: int | None = None, progress: bool = True) -> dict:
+    require_plots()  # the demo ends with a figure: say so before ten minutes of training
     out_dir = Path(out)
     tag = f"r{ratio}-e{epochs}-s{seed}" + (f"-n{train_limit}" if train_limit else "")
     common = dict(dataset="fashion-mnist", data_root=data_root, method="byol", ratio=ratio, epochs=epochs,

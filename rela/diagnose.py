@@ -43,6 +43,7 @@ from rela.errors import RelaError, unknown
 from rela.evaluate import knn_accuracy
 from rela.features import embed
 from rela.io import atomic_write, save_json, save_text
+from rela.plotting import pyplot, require_plots
 from rela.priors import Prior
 from rela.targets import transport
 
@@ -214,10 +215,7 @@ def diagnose_markdown(report: dict) -> str:
 
 
 def plot_diagnose(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     specs = [m["spec"] for m in report["models"]]
     n = len(specs)
@@ -241,6 +239,7 @@ def plot_diagnose(report: dict, path: Path) -> None:
 
 
 def write_diagnose(report: dict, out: str | Path) -> list[Path]:
+    require_plots()  # all three files or none
     out = Path(out)
     files = [out / "diagnose.json", out / "diagnose.md", out / "diagnose.png"]
     save_json(report, files[0])

@@ -1,0 +1,85 @@
+"""Regenerate the README's measured blocks from committed benchmark results (``make readme-tables``).
+
+    .venv/bin/python benchmarks/readme_tables.py           # rewrite the marked blocks of README.md
+    .venv/bin/python benchmarks/readme_tables.py --check   # exit 1 if README.md is not up to date
+
+A block is the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; each comes from one
+results file. This is the only code that writes the README: the benchmark scripts write their
+results under ``--results`` and nothing else, so a scratch run cannot change it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import methods
+import table1
+from common import REPO, RESULTS
+from rela.io import load_json, save_text
+
+
+def table1_headline(results: Path, readme: Path) -> list[str]:
+    runs = load_json(results / "table1.json")["runs"]
+    budgets = table1.budgets_of(runs)
+    link = os.path.relpath(results / "table1.md", readme.parent)
+    return [f"Computed by `make readme-tables` from `table1.json` (full table: [table1.md]({Path(link).as_posix()})):",
+            "", *[f"- {h}" for h in table1.headline(table1.summarise(runs, budgets), budgets)]]
+
+
+def methods_table(results: Path, readme: Path) -> list[str]:
+    return methods.table_lines(load_json(results / "methods.json")["runs"])
+
+
+def theory_summary(results: Path, readme: Path) -> list[str]:
+    summary = load_json(results / "theory_gaussian.json")["summary"]
+    return textwrap.wrap(summary, width=104, initial_indent="> ", subsequent_indent="> ", break_on_hyphens=False)
+
+
+BLOCKS = {"table1-headline": table1_headline, "methods-table": methods_table,
+          "theory-gaussian-summary": theory_summary}
+
+
+def replace_block(text: str, name: str, lines: list[str], readme: Path) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"{readme}: needs exactly one '{start}' ... '{end}' block")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return head + "\n".join([start, *lines, end]) + tail
+
+
+def render(readme: Path, results: Path) -> str:
+    text = readme.read_text()
+    for name, block in BLOCKS.items():
+        try:
+            lines = block(results, readme)
+        except FileNotFoundError as e:
+            raise SystemExit(f"{name}: results file missing: {e.filename}") from None
+        text = replace_block(text, name, lines, readme)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", type=Path, default=REPO / "README.md")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the committed result files")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if the README is out of date")
+    args = p.parse_args(argv)
+    text = render(args.readme, args.results)
+    if text == args.readme.read_text():
+        print(f"{args.readme}: up to date")
+        return 0
+    if args.check:
+        print(f"{args.readme}: out of date; run make readme-tables", file=sys.stderr)
+        return 1
+    save_text(text, args.readme)
+    print(f"{args.readme}: blocks {', '.join(BLOCKS)} regenerated from {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
