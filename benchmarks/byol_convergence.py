@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rela.benchmarking import ResultsFile, fmt, mean_std, train_and_evaluate
+from common import ResultsFile, fmt, mean_std, train_and_evaluate
 from rela.config import TrainConfig
 from rela.io import save_text
 

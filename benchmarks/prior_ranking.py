@@ -26,7 +26,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from rela.benchmarking import ResultsFile, fmt, train_and_evaluate
+from common import ResultsFile, fmt, train_and_evaluate
 from rela.config import TrainConfig
 from rela.data import load_dataset
 from rela.diagnose import SCORES, build_candidates, diagnose, learner_dim, rank_priors

@@ -80,7 +80,8 @@ from lightning.pytorch.callbacks import Callback
 
 from rela.accelerator import ReLAAccelerator, build_switch
 from rela.backbones import build_backbone
-from rela.bank import extract, transport
+from rela.bank import extract
+from rela.targets import transport
 from rela.config import TrainConfig
 from rela.data import RELA_VIEW, Normalize, load_dataset
 from rela.methods import METHODS, build_method

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rela.benchmarking import mean_std
+from common import mean_std
 from rela.io import atomic_write, save_json, save_text
 
 RESULTS = Path(__file__).parent / "results"

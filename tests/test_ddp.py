@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rela.bank import open_bank, transport
+from rela.bank import open_bank
+from rela.targets import transport
 from rela.data import DynamicSubsetSampler
 
 DRIVER = """
