@@ -10,16 +10,28 @@ On disk a bank is a memory-mappable array plus a small metadata file next to it:
   because a hit is compute paid earlier, not free compute).
 
 **Extraction is chunked and resumable.** Rows are computed in chunks of ``CHUNK_ROWS``; each
-chunk goes atomically (temp file + rename) into ``NAME.chunks-<key>-<rows>/`` with its own checksum,
-so a killed extraction resumes at the missing chunks. Several processes (ranks, GPUs) fill
-one bank: chunk ``i`` belongs to rank ``i % world_size``; a rank done with its own chunks
-computes any still missing, so a dead or mis-numbered rank cannot leave the bank unfinished
-(a chunk may then be computed twice, which is harmless: both writes hold the same rows and
-each is atomic). When every chunk exists, one process, holding an ``fcntl`` lock on
-``NAME.lock``, assembles ``NAME`` (temp file + rename), re-reads it to verify the checksum
-once, then writes ``NAME.json`` -- the metadata file is the commit mark: a bank without it
-is unfinished -- and removes the chunks. Two processes extracting the same bank at once thus
-cannot corrupt it; the second to take the lock finds the bank done.
+chunk goes atomically (a writer-unique temp file + rename) into ``NAME.chunks-<key>-<rows>/``
+with its own checksum, so a killed extraction resumes at the missing chunks. When every chunk
+exists, the lock holder assembles ``NAME`` (temp file + rename), re-reads it to verify the
+checksum once, writes ``NAME.json`` -- the metadata file is the commit mark: a bank without it
+is unfinished -- and removes the chunk folder.
+
+**Concurrent processes share a cache.** Each bank has a lock, ``NAME.lock`` (``filelock``: an
+``flock`` on Unix). An extraction runs entirely under it, so of several runs started at once
+with the same ``--cache-dir`` one extracts and the others wait, then find the bank finished; no
+process ever writes into a chunk folder another is removing. Inside a process group of W > 1
+(DDP: ``rela train --devices N``, torchrun, SLURM) the ranks share the work instead: rank 0
+takes the lock for the whole group, every rank computes its disjoint share of the chunks
+(chunk ``i`` belongs to rank ``i % W``), all meet at a barrier, rank 0 assembles, all meet
+again; multi-node runs need ``--cache-dir`` on a file system every node sees.
+*A lock left by a killed process:* the lock is the kernel's ``flock`` on the open file, not the
+file's existence, so it ends with its process (killed, crashed, out of memory); the file stays
+(deleting lock files races with their users) and the next run takes it at once, resumes at the
+chunks already there and clears the dead writer's temp files. *Network file systems:* Linux
+NFS clients map ``flock`` to NFS byte-range locks, which hold across machines when the mount
+has locking (not ``nolock``) and the server's lock manager runs; a file system without ``flock``
+makes filelock fall back to a lock whose existence is the lock, which a killed process leaves
+behind: delete ``NAME.lock`` by hand once no run is extracting that bank.
 
 **Loading verifies cheaply.** :func:`open_bank` checks the metadata (format, key, rows, dim,
 dtype) and that the file's size and ``.npy`` header match it; that catches truncated files,
@@ -35,18 +47,19 @@ What the bank's features become, ReLA's targets, is :mod:`rela.targets`.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
+import logging
 import math
-import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from rela.data.datasets import ImageDataset
@@ -62,6 +75,7 @@ BANK_DTYPES.register("float32", help="for features beyond float16's range or pre
 BANK_FORMAT = "rela-bank-v2"
 CHUNK_ROWS = 16384
 BLOCK_BYTES = 64 << 20  # float64 working block of the chunked passes (checksum here, rela.targets.transport)
+log = logging.getLogger(__name__)
 
 
 def bank_key(prior: Prior, dataset: ImageDataset, dtype: str = "float16") -> str:
@@ -86,18 +100,6 @@ def _sha256_rows(array, dim: int) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def _locked(lock_path: Path):
-    """An exclusive ``fcntl`` lock; the file stays (deleting lock files races with their users)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 class BankWriter:
     """Writes one bank chunk by chunk; any number of writers, in any processes, may share it."""
 
@@ -112,6 +114,26 @@ class BankWriter:
         # keyed by content and layout: chunks of another bank or another chunk size never mix
         self.chunk_dir = self.path.with_name(f"{self.path.name}.chunks-{key[:16]}-{chunk_rows}")
         self.lock_path = self.path.with_name(f"{self.path.name}.lock")
+        self._lock = FileLock(self.lock_path)  # re-entrant within this writer
+
+    @contextmanager
+    def locked(self):
+        """Hold the bank's lock (see the module notes); says so when another process holds it."""
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("waiting for %s: another process is extracting this bank", self.lock_path)
+            self._lock.acquire()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def remove_stale_temp_files(self) -> None:
+        """Delete what killed writers left half-written; only the lock holder may call this."""
+        for folder, pattern in ((self.chunk_dir, ".*.tmp"), (self.path.parent, f".{self.path.name}.*.tmp")):
+            for stale in folder.glob(pattern) if folder.is_dir() else ():
+                stale.unlink(missing_ok=True)
 
     # --- chunks -----------------------------------------------------------------------
     def rows_of(self, i: int) -> tuple[int, int]:
@@ -169,16 +191,16 @@ class BankWriter:
         Runs under the bank's lock; if another process committed the bank first, its
         metadata is returned and nothing is written.
         """
-        with _locked(self.lock_path):
+        with self.locked():
             if self.complete():
                 return load_json(self.meta_path)
             missing = self.missing()
             if missing:
                 raise RelaError(f"bank {self.path} cannot be assembled: {len(missing)} of {self.num_chunks} "
-                                f"chunks missing (first: {missing[0]})")
+                                f"chunks missing (first: {missing[0]}); with several machines, --cache-dir "
+                                "must be on a file system they all see")
             start = time.perf_counter()
-            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-                stale.unlink(missing_ok=True)  # a killed assembly's temp file; only the lock holder writes one
+            self.remove_stale_temp_files()
             dims, h, chunk_seconds = set(), hashlib.sha256(), 0.0
 
             def write(f) -> None:
@@ -217,11 +239,10 @@ def meta_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _distributed_rank() -> tuple[int, int]:
-    """(rank, world size) of this process as torchrun or SLURM set them; (0, 1) outside a launcher."""
-    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank in os.environ and world in os.environ:
-            return int(os.environ[rank]), max(int(os.environ[world]), 1)
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group; (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
@@ -237,33 +258,19 @@ def extract(prior: Prior, dataset: ImageDataset, *, batch_size: int = 512, devic
 
 
 def extract_chunks(prior: Prior, dataset: ImageDataset, writer: BankWriter, *, rank: int = 0,
-                   world_size: int = 1, batch_size: int = 512, device="cpu", progress: bool = True) -> int:
-    """Compute this rank's missing chunks, then any other still missing; returns how many it wrote.
-
-    Other ranks work through their chunks in ascending order, so leftovers are taken from the
-    end: the chunks the others would reach last.
-    """
-    own = writer.owned(rank, world_size)
-    others = sorted(set(range(writer.num_chunks)) - set(own), reverse=True)
-    written = 0
+                   world_size: int = 1, batch_size: int = 512, device="cpu", progress: bool = True) -> list[int]:
+    """Compute the missing chunks of this rank's share (``writer.owned``); returns the ones it wrote."""
+    todo = [i for i in writer.owned(rank, world_size) if not writer.chunk_path(i).is_file()]
     prior.model.to(device)
     try:
-        with tqdm(total=writer.num_chunks, desc=f"bank: {prior.name}", disable=not progress, leave=False) as bar:
-            for i in own + others:
-                if writer.complete():
-                    break
-                if writer.chunk_path(i).is_file():
-                    bar.update()
-                    continue
-                start = time.perf_counter()
-                a, b = writer.rows_of(i)
-                values = embed(prior, dataset.images[a:b], batch_size=batch_size, device=device)
-                writer.write_chunk(i, values.numpy(), time.perf_counter() - start)
-                written += 1
-                bar.update()
+        for i in tqdm(todo, desc=f"bank: {prior.name}", disable=not progress, leave=False):
+            start = time.perf_counter()
+            a, b = writer.rows_of(i)
+            values = embed(prior, dataset.images[a:b], batch_size=batch_size, device=device)
+            writer.write_chunk(i, values.numpy(), time.perf_counter() - start)
     finally:
         prior.model.cpu()
-    return written
+    return todo
 
 
 def open_bank(path: str | Path, key: str, dataset: ImageDataset | None = None, *,
@@ -310,15 +317,14 @@ def open_bank(path: str | Path, key: str, dataset: ImageDataset | None = None, *
 
 def load_or_extract(prior: Prior, dataset: ImageDataset, *, cache_dir: str | Path = ".cache/rela",
                     path: str | Path | None = None, device="cpu", progress: bool = True,
-                    batch_size: int = 512, dtype: str = "float16", rank: int | None = None,
-                    world_size: int | None = None, chunk_rows: int = CHUNK_ROWS,
+                    batch_size: int = 512, dtype: str = "float16", chunk_rows: int = CHUNK_ROWS,
                     verify: bool = False) -> tuple[torch.Tensor, dict]:
     """Raw prior features for every training image (memory-mapped), extracted unless cached.
 
-    ``rank``/``world_size`` shard the extraction (default: as torchrun or SLURM set them).
-    Returns the features (N x k, ``dtype``, backed by the bank file) and a small report.
-    ``bank_seconds`` is what extracting the bank cost, also when this call found it cached;
-    ``bank_load_seconds`` is this call's time.
+    Inside a torch.distributed process group every rank must call this (it shards the
+    extraction over the ranks; see the module notes). Returns the features (N x k, ``dtype``,
+    backed by the bank file) and a small report. ``bank_seconds`` is what extracting the bank
+    cost, also when this call found it cached; ``bank_load_seconds`` is this call's time.
     """
     _check_dtype(dtype)
     key = bank_key(prior, dataset, dtype)
@@ -326,21 +332,65 @@ def load_or_extract(prior: Prior, dataset: ImageDataset, *, cache_dir: str | Pat
     start = time.perf_counter()
     writer = BankWriter(path, key, len(dataset), dtype=dtype, chunk_rows=chunk_rows,
                         about={"prior": prior.name, "dataset": f"{dataset.name}:{dataset.split}"})
-    hit = writer.complete()
-    if not hit:
-        if path.exists() and not writer.chunk_dir.is_dir():
-            # Not ours to overwrite: an unrelated file, or a bank of an older format.
-            open_bank(path, key, dataset)
-        if rank is None or world_size is None:
-            rank, world_size = _distributed_rank()
-        extract_chunks(prior, dataset, writer, rank=rank, world_size=world_size, batch_size=batch_size,
-                       device=device, progress=progress)
-        writer.assemble()
+    if not writer.complete() and path.exists() and not writer.chunk_dir.is_dir():
+        # Not ours to overwrite: an unrelated file, or a bank of an older format (checked before
+        # the lock file is made; a finished bank always has its metadata file before its chunks go).
+        open_bank(path, key, dataset)
+    hit = writer.complete() or _extract(prior, dataset, writer, batch_size=batch_size, device=device,
+                                        progress=progress)
     array, meta = open_bank(path, key, dataset, verify=verify)
     feats = torch.from_numpy(array)
     return feats, {"bank_file": str(path), "bank_key": key, "bank_cache_hit": hit,
                    "bank_seconds": float(meta["extract_seconds"]), "bank_dtype": dtype,
                    "bank_load_seconds": time.perf_counter() - start, "bank_shape": list(feats.shape)}
+
+
+def _claim(writer: BankWriter) -> bool:
+    """Under the lock: True if the bank is done by now, else get the folder ready for this extraction."""
+    if writer.complete():
+        return True
+    writer.remove_stale_temp_files()
+    return False
+
+
+def _extract(prior: Prior, dataset: ImageDataset, writer: BankWriter, **options) -> bool:
+    """Extract and assemble the bank, alone or as one rank of a process group; True if another process did."""
+    rank, world_size = _process_group()
+    if world_size == 1:
+        with writer.locked():
+            if _claim(writer):
+                return True
+            extract_chunks(prior, dataset, writer, **options)
+            writer.assemble()
+        return False
+    # Rank 0 decides and assembles, holding the lock for the whole group; its verdict (done, go,
+    # or an error) is broadcast, so a failure on rank 0 stops every rank instead of leaving them at a barrier.
+    with writer.locked() if rank == 0 else nullcontext():
+        verdict = [_run_on_rank_zero(rank, lambda: _claim(writer))]
+        dist.broadcast_object_list(verdict, src=0)
+        done = _raise_failure(verdict[0])
+        if not done:
+            extract_chunks(prior, dataset, writer, rank=rank, world_size=world_size, **options)
+            dist.barrier()
+            verdict = [_run_on_rank_zero(rank, writer.assemble)]
+            dist.broadcast_object_list(verdict, src=0)
+            _raise_failure(verdict[0])
+    return done
+
+
+def _run_on_rank_zero(rank: int, step):
+    if rank != 0:
+        return None
+    try:
+        return step()
+    except RelaError as e:
+        return e
+
+
+def _raise_failure(verdict):
+    if isinstance(verdict, RelaError):
+        raise RelaError(str(verdict))
+    return verdict
 
 
 def __getattr__(name: str):

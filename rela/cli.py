@@ -61,6 +61,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", default=None, help="allow torchvision to download CIFAR")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoints/last.ckpt")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    p.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch-norm statistics over all processes (default: on when training on more than "
+                        "one device; --no-sync-batchnorm for per-process statistics)")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="imagefolder: leave out (and count) files that do not decode instead of stopping")
 

@@ -80,6 +80,7 @@ class TrainConfig:
     accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1  # machines (multi-node DDP, e.g. one SLURM task per device)
+    sync_batchnorm: bool | None = None  # batch-norm statistics over all processes; None: on with > 1 device
     precision: str = "auto"
     probe_every: int = 1  # epochs between k-NN probes for the cost curve; 0 disables
     progress: bool = True

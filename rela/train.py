@@ -238,6 +238,34 @@ def _strategy(cfg: TrainConfig):
     return DDPStrategy(broadcast_buffers=False, find_unused_parameters=True)
 
 
+def _sync_batchnorm(cfg: TrainConfig) -> bool:
+    """SyncBatchNorm unless asked otherwise, whenever there is more than one process (as solo-learn does):
+    per-process statistics would make a DDP step differ from one process on the global batch."""
+    return cfg.devices * cfg.num_nodes > 1 if cfg.sync_batchnorm is None else cfg.sync_batchnorm
+
+
+def _trainer_layout(cfg: TrainConfig) -> dict:
+    return {"accelerator": cfg.accelerator, "devices": cfg.devices, "num_nodes": cfg.num_nodes,
+            "strategy": _strategy(cfg), "sync_batchnorm": _sync_batchnorm(cfg)}
+
+
+def _start_ranks(cfg: TrainConfig) -> None:
+    """Start the other processes and join the process group now, before the bank is extracted.
+
+    Lightning's launcher would otherwise start ranks 1.. only inside ``fit``, after this process
+    (rank 0) had extracted the whole bank alone. Started here, every rank extracts its share of
+    the chunks (:func:`rela.bank.load_or_extract` shards over the process group). The launcher
+    sets LOCAL_RANK/NODE_RANK/WORLD_SIZE in this process and its children, so the ``fit`` below
+    starts nobody again and reuses the group; under torchrun or SLURM the processes exist
+    already and only the group is joined.
+    """
+    if cfg.devices * cfg.num_nodes == 1:
+        return
+    strategy = L.Trainer(**_trainer_layout(cfg), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False).strategy
+    strategy.launcher.launch(strategy.setup_environment)
+
+
 def _check_out_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -269,6 +297,7 @@ def train(cfg: TrainConfig) -> dict:
     out = _check_out_dir(cfg)
     check_writable(out)
     wall_start = time.perf_counter()
+    _start_ranks(cfg)  # the process group exists before the bank, so ranks share its extraction
     run = prepare(cfg)  # 1-3. data, learner + method, prior -> bank -> targets -> accelerator
     module, train_set = ReLAModule(cfg, run.method, run.rela, run.train_set), run.train_set
     last = out / "checkpoints" / "last.ckpt"
@@ -289,8 +318,7 @@ def train(cfg: TrainConfig) -> dict:
         callbacks.insert(0, CostCurveProbe(train_set, run.test_set, cfg.probe_every))
     with _quiet_lightning():
         trainer = L.Trainer(
-            max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, accelerator=cfg.accelerator, devices=cfg.devices,
-            num_nodes=cfg.num_nodes, strategy=_strategy(cfg), precision=_precision(cfg),
+            max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, **_trainer_layout(cfg), precision=_precision(cfg),
             logger=CSVLogger(out, name="logs", version=""),
             callbacks=callbacks, enable_progress_bar=cfg.progress, enable_model_summary=False,
             log_every_n_steps=10, use_distributed_sampler=False, num_sanity_val_steps=0,

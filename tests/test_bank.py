@@ -258,30 +258,29 @@ def test_crash_while_writing_leaves_no_partial_files(tmp_path, data, monkeypatch
     assert calls == [] and info["bank_cache_hit"] is False  # assembled from the chunks already there
 
 
-def test_sharded_extraction_does_own_chunks_first_then_leftovers(tmp_path, data, monkeypatch):
+def test_sharded_extraction_computes_only_the_missing_chunks_of_its_share(tmp_path, data, monkeypatch):
     prior = _prior(data)
     writer = BankWriter(tmp_path / "bank.npy", bank_key(prior, data), len(data), chunk_rows=10)
     assert writer.owned(1, 3) == [1, 4] and writer.owned(0, 3) == [0, 3, 6]
     calls = _counting_embed(monkeypatch)
-    writer.write_chunk(5, np.zeros((10, 128), dtype=np.float32))  # another rank's, already done
-    assert extract_chunks(prior, data, writer, rank=1, world_size=3, progress=False) == 6
+    writer.write_chunk(3, np.zeros((10, 128), dtype=np.float32))  # done by an earlier, killed run
+    assert extract_chunks(prior, data, writer, rank=0, world_size=3, progress=False) == [0, 6]
     starts = [int(torch.nonzero((data.images == c[:1]).flatten(1).all(1))[0]) for c in calls]
-    assert starts == [10, 40, 60, 30, 20, 0]  # own (1, 4), then the others from the end, 5 skipped
+    assert starts == [0, 60]
 
 
-def _extract_in_process(cache, rank, world_size, barrier, results):
+def _extract_in_process(cache, rank, barrier, results):
     torch.set_num_threads(1)  # a forked child must not reuse the parent's intra-op thread pool
     data = load_dataset("synthetic:64")
     barrier.wait()  # start together, so the processes really overlap
-    feats, info = load_or_extract(_prior(data), data, cache_dir=cache, progress=False, chunk_rows=4,
-                                  rank=rank, world_size=world_size)
+    feats, info = load_or_extract(_prior(data), data, cache_dir=cache, progress=False, chunk_rows=4)
     results.put((rank, feats.clone().numpy(), info["bank_cache_hit"]))
 
 
 def test_two_processes_fill_one_bank_at_once(tmp_path, data):
     ctx = mp.get_context("fork")  # spawn would import torch again in each child: seconds per process
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_extract_in_process, args=(tmp_path, r, 2, barrier, results)) for r in (0, 1)]
+    procs = [ctx.Process(target=_extract_in_process, args=(tmp_path, r, barrier, results)) for r in (0, 1)]
     for p in procs:
         p.start()
     out = [results.get(timeout=120) for _ in procs]

@@ -5,6 +5,14 @@ momentum/teacher networks). It declares its own augmentations (``views``),
 computes its own loss from those views, and updates its momentum networks in
 ``update_momentum``, which the trainer calls on every step, during the ReLA
 phase too, so the teacher follows the student through the hand-over.
+
+**Under DDP** a method must train as one process on the global batch would. Losses that
+are per-sample means (BYOL, SimSiam, DINO, supervised, the ReLA loss) get that from DDP's
+gradient averaging, plus SyncBatchNorm for their batch-norm layers (``--sync-batchnorm``, on
+by default with more than one device); DINO's teacher centre is all-reduced by lightly. Losses
+over the whole batch gather it: SimCLR's and MoCo's negatives, Barlow Twins' cross-correlation,
+VICReg's variance/covariance (``gather_distributed``, a method option, on by default). The
+momentum (EMA) update is the same arithmetic on the same parameters on every rank.
 """
 
 from __future__ import annotations
@@ -13,11 +21,28 @@ import copy
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.utils.dist import gather
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from rela.data.augment import ViewAugment
+
+
+def distributed() -> bool:
+    """True inside a process group of more than one process (DDP), when batch-wide losses must gather."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_batch(z: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``z`` concatenated in rank order; the gradient flows back to each rank's share.
+
+    lightly's ``gather`` sums the gradients of all ranks in its backward pass, so with DDP's
+    gradient averaging a loss computed identically on every rank from the global batch trains
+    exactly as one process on that batch would.
+    """
+    return torch.cat(gather(z), 0) if distributed() else z
 
 
 class MethodOutput(NamedTuple):

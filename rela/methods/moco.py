@@ -1,6 +1,8 @@
 """MoCo v2 (Chen et al., 2020): contrast queries with momentum-encoded keys and a memory bank.
 
-Single-device batch norm is used as is (no shuffling BN across GPUs).
+Batch norm is not shuffled across GPUs (--sync-batchnorm, the default under DDP, synchronises
+it instead); under DDP the keys of all ranks enter the memory bank in rank order (lightly's
+``gather_distributed``), so every rank holds the same bank.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ class MoCoV2(Method):
 
     def __init__(self, backbone, feature_dim, num_classes, hidden_dim: int = 1024, out_dim: int = 128,
                  temperature: float = 0.2, memory_bank_size: int = 4096,
-                 momentum: tuple[float, float] = (0.99, 1.0)):
+                 momentum: tuple[float, float] = (0.99, 1.0), gather_distributed: bool = True):
         super().__init__(backbone, feature_dim, num_classes)
         self.projection_head = MoCoProjectionHead(feature_dim, hidden_dim, out_dim)
         self.add_momentum_copies("backbone", "projection_head", momentum=momentum)
-        self.criterion = NTXentLoss(temperature=temperature, memory_bank_size=(memory_bank_size, out_dim))
+        self.criterion = NTXentLoss(temperature=temperature, memory_bank_size=(memory_bank_size, out_dim),
+                                    gather_distributed=gather_distributed)
 
     def forward(self, views, labels) -> MethodOutput:
         query_view, key_view = views
