@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "runs"
+BANKS = REPO / ".cache" / "rela"  # the checkout's bank cache, shared by every benchmark and `rela train` run there
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -87,6 +88,11 @@ class ResultsFile:
 
     def save(self) -> None:
         save_json({"meta": self.meta, "runs": self.runs}, self.path)
+
+
+def config(**fields) -> TrainConfig:
+    """A TrainConfig whose banks are cached in the checkout (not in the working directory)."""
+    return TrainConfig(**{"cache_dir": str(BANKS), **fields})
 
 
 def train_and_evaluate(cfg: TrainConfig, *, linear_epochs: int = 50) -> dict:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import ResultsFile, add_output_args, fmt, run_cell, table_head, write_report
-from rela.config import TrainConfig
+from common import ResultsFile, add_output_args, config, fmt, run_cell, table_head, write_report
 from rela.methods import METHODS
 
 RECORDED = ("knn_top1", "linear_top1", "train_seconds", "bank_seconds", "wall_seconds", "steps", "images_seen",
@@ -39,7 +38,7 @@ def run_grid(results: ResultsFile, args) -> None:
                 key = dict(method=method, prior=prior, seed=seed, ratio=args.ratio, epochs=args.epochs,
                            backbone=args.backbone)
                 out = args.runs_dir / f"{method}-{prior}-r{args.ratio}-e{args.epochs}-s{seed}"
-                cfg = TrainConfig(dataset="fashion-mnist", method=method, prior=prior, ratio=args.ratio,
+                cfg = config(dataset="fashion-mnist", method=method, prior=prior, ratio=args.ratio,
                                   epochs=args.epochs, seed=seed, backbone=args.backbone, out=str(out),
                                   progress=False, probe_every=0)
                 run_cell(results, key, cfg, RECORDED, f"[methods] {method} prior={prior} seed={seed} -> {out}")

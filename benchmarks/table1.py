@@ -26,7 +26,7 @@ import re
 import sys
 from pathlib import Path
 
-from common import (ResultsFile, add_output_args, command, fmt, mean_std, run_cell, shown, table_head,
+from common import (ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown, table_head,
                     train_and_evaluate, write_report)
 from rela.config import TrainConfig
 from rela.plotting import pyplot
@@ -90,7 +90,7 @@ class Grid:
 
     def base(self, **kw) -> TrainConfig:
         extra = {"lr": self.args.lr} if self.args.lr else {}
-        return TrainConfig(dataset="fashion-mnist", backbone=self.args.backbone, batch_size=self.args.batch_size,
+        return config(dataset="fashion-mnist", backbone=self.args.backbone, batch_size=self.args.batch_size,
                            holdout=self.args.holdout, train_limit=self.args.train_limit, probe_every=0, progress=False, **extra, **kw)
 
     def run(self, row: str, budget: float, seed: int, cfg: TrainConfig, prior_label: str) -> dict:
@@ -113,7 +113,7 @@ class Grid:
         out = self.runs_dir / "prior-digits-byol"
         if not (out / "backbone.pt").is_file():
             print("[table1] training the digits BYOL prior", flush=True)
-            train_and_evaluate(TrainConfig(dataset="digits", backbone=self.args.backbone, method="byol",
+            train_and_evaluate(config(dataset="digits", backbone=self.args.backbone, method="byol",
                                            epochs=self.args.digits_epochs, batch_size=128, probe_every=0,
                                            progress=False, seed=0, out=str(out)))
         return f"checkpoint:{out}"

@@ -1,21 +1,38 @@
-"""`rela bench table1` end to end on a tiny slice: every requested cell runs once, resumes, reports."""
+"""benchmarks/table1.py end to end on a tiny slice, and the README blocks made from committed results.
+
+Every requested cell runs once, resumes, reports; a scratch run writes only under its --results and
+--runs-dir (not the working directory, not README.md); ``benchmarks/readme_tables.py`` is what
+regenerates the README's measured blocks, and the committed README matches the committed results.
+"""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-import pytest
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 
-from rela.cli import main
+
+def _script(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=900)
 
 
 def _bench(tmp_path, *extra):
-    return main(["bench", "table1", "--rows", "byol-subset", "rela-random-same", "--budgets", "0.5",
-                 "--seeds", "0", "--full-epochs", "1", "--train-limit", "512",
-                 "--results", str(tmp_path / "t1.json"), "--runs-dir", str(tmp_path / "runs"), *extra])
+    (tmp_path / "cwd").mkdir(exist_ok=True)
+    return _script("table1.py", "--rows", "byol-subset", "rela-random-same", "--budgets", "0.5", "--seeds", "0",
+                   "--full-epochs", "1", "--train-limit", "512", "--results", tmp_path / "res",
+                   "--runs-dir", tmp_path / "runs", *extra, cwd=tmp_path / "cwd")
 
 
-def test_table1_grid_runs_resumes_and_reports(tmp_path):
-    assert _bench(tmp_path) == 0
-    data = json.loads((tmp_path / "t1.json").read_text())
+def test_table1_grid_runs_resumes_and_reports_without_touching_the_readme(tmp_path):
+    readme = REPO / "README.md"
+    readme_before = (readme.read_bytes(), readme.stat().st_mtime_ns)
+    done = _bench(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "res" / "table1.json").read_text())
     rows = sorted((r["row"], r["budget"]) for r in data["runs"])
     assert rows == [("byol-2ep", 2.0), ("byol-full", 1.0), ("byol-subset", 0.5), ("rela-random-same", 0.5)]
     for r in data["runs"]:
@@ -27,15 +44,48 @@ def test_table1_grid_runs_resumes_and_reports(tmp_path):
     assert full["steps"] == 2 and full["images_seen"] == 512  # 512 images, batch 256, one epoch
     rela = next(r for r in data["runs"] if r["row"] == "rela-random-same")
     assert rela["prior"] == "random" and rela["images_seen"] == 256  # half the data each epoch
-    assert data["meta"]["command"].startswith("rela bench table1 --rows")
-    md = (tmp_path / "t1.md").read_text()
+    assert data["meta"]["command"].startswith("python benchmarks/table1.py --rows")
+    md = (tmp_path / "res" / "table1.md").read_text()
     assert "## Headline (computed)" in md and "BYOL-full (100%)" in md
-    assert (tmp_path / "t1_cost.png").stat().st_size > 0
-    before = (tmp_path / "t1.json").read_text()
-    assert _bench(tmp_path) == 0  # every cell is already in the JSON: nothing reruns
-    assert json.loads((tmp_path / "t1.json").read_text())["runs"] == json.loads(before)["runs"]
+    assert (tmp_path / "res" / "table1_cost.png").stat().st_size > 0
+    # a scratch run writes only where it was told: nothing in the working directory, README untouched
+    assert list((tmp_path / "cwd").iterdir()) == []
+    assert (readme.read_bytes(), readme.stat().st_mtime_ns) == readme_before
+    before = (tmp_path / "res" / "table1.json").read_text()
+    assert _bench(tmp_path).returncode == 0  # every cell is already in the JSON: nothing reruns
+    assert json.loads((tmp_path / "res" / "table1.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
 def test_switch_sweep_needs_a_holdout(tmp_path):
-    with pytest.raises(SystemExit, match="needs --holdout"):
-        _bench(tmp_path, "--sweep-switch", "never")
+    done = _bench(tmp_path, "--sweep-switch", "never")
+    assert done.returncode != 0 and "needs --holdout" in done.stderr
+
+
+def test_committed_readme_blocks_match_committed_results(tmp_path):
+    done = _script("readme_tables.py", "--check", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + done.stdout
+
+
+def test_readme_tables_regenerates_only_the_marked_blocks(tmp_path):
+    text = (REPO / "README.md").read_text()
+    stale = text.replace("reaches BYOL-full accuracy (k-NN", "reaches BYOL-full accuracy (k-NN 99.9 stale;", 1)
+    stale = stale.replace("| vicreg | 73.5 |", "| vicreg | 11.1 |", 1)
+    assert stale != text
+    results = tmp_path / "benchmarks" / "results"  # the checkout's layout, so the README's links match
+    results.mkdir(parents=True)
+    for name in ("table1.json", "methods.json", "theory_gaussian.json"):
+        shutil.copy(BENCHMARKS / "results" / name, results)
+    readme = tmp_path / "README.md"
+    readme.write_text(stale)
+    assert _script("readme_tables.py", "--check", "--readme", readme, "--results", results, cwd=tmp_path).returncode == 1
+    assert readme.read_text() == stale  # --check changes nothing
+    done = _script("readme_tables.py", "--readme", readme, "--results", results, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert readme.read_text() == text
+
+
+def test_readme_tables_names_a_missing_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text().replace("<!-- methods-table:end -->", ""))
+    done = _script("readme_tables.py", "--readme", readme, cwd=tmp_path)
+    assert done.returncode != 0 and "methods-table:end" in done.stderr
