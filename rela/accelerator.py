@@ -24,7 +24,7 @@ from rela.registry import SWITCHES
 
 def rela_loss(pred_1: torch.Tensor, pred_2: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1/2 [(1 - cos(g(f(x1)), y)) + (1 - cos(g(f(x2)), y))], averaged over the batch."""
-    target = target.to(pred_1.dtype)
+    target = target.detach().to(pred_1.dtype)  # a fixed regression target: no gradient flows into it
     return 0.5 * ((1 - F.cosine_similarity(pred_1, target, dim=1)).mean()
                   + (1 - F.cosine_similarity(pred_2, target, dim=1)).mean())
 

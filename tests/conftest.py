@@ -9,19 +9,28 @@ from __future__ import annotations
 import gzip
 import importlib
 import json
+import shutil
 import struct
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
 from rela.cli import main
+from rela.config import TrainConfig
+from rela.data import Normalize
+from rela.evaluate import backbone_features
+from rela.priors import build_saved_backbone, load_backbone_file
+from rela.train import prepare
 
 # ``rela/__init__`` re-exports the function ``train``, which shadows the sub-module attribute.
 train_module = importlib.import_module("rela.train")
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 # Arguments every tiny CLI run shares; tests add --out, --cache-dir and what they vary.
 TINY = ["--dataset", "synthetic", "--backbone", "convnet", "--batch-size", "32", "--ratio", "0.3",
@@ -29,6 +38,25 @@ TINY = ["--dataset", "synthetic", "--backbone", "convnet", "--batch-size", "32",
 # 2 epochs x floor(round(0.3 * 512) / 32) = 2 x floor(154 / 32) = 2 x 4
 TINY_STEPS = 2 * (round(0.3 * 512) // 32)
 EVAL = ["--no-progress", "--linear-epochs", "10"]
+
+
+def fashion_mnist_problem(root: Path) -> str | None:
+    """Why the IDX files under ``root`` cannot be used, or None: all four there, readable, IDX headers."""
+    for name in FASHION_MNIST_FILES:
+        try:
+            with gzip.open(root / name) as f:
+                header = f.read(4)
+        except (OSError, EOFError) as e:
+            return f"{root / name}: {e.strerror or e}"
+        if len(header) < 4 or header[:3] != b"\x00\x00\x08":
+            return f"{root / name} is not an unsigned-byte IDX file"
+    return None
+
+
+_FASHION_MNIST_PROBLEM = fashion_mnist_problem(FASHION_MNIST_ROOT)
+needs_fmnist = pytest.mark.skipif(_FASHION_MNIST_PROBLEM is not None,
+                                  reason=f"Fashion-MNIST not usable (Debian's dataset-fashion-mnist): "
+                                         f"{_FASHION_MNIST_PROBLEM}")
 
 
 def run_ok(args: list[str]) -> None:
@@ -101,3 +129,71 @@ def constant_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("constant_run")
     return _train_and_eval(base / "run", base / "cache",
                            ["--prior", "random", "--switch", "constant:0.5", "--probe-every", "1"])
+
+
+# --- the learner as a run started, and its untrained accuracy -------------------------------
+
+def starting_backbone(run: Path, seed: int | None = None) -> torch.nn.Module:
+    """The learner of ``run`` before its first step, rebuilt the way ``rela train`` builds it.
+
+    ``prepare`` seeds and builds the learner before it looks at the prior, so the prior is left
+    out (no bank to extract). ``seed`` rebuilds it with another seed instead.
+    """
+    cfg = TrainConfig.from_yaml(Path(run) / "config.yaml")
+    cfg.prior, cfg.seed = "none", cfg.seed if seed is None else seed
+    return prepare(cfg).module.method.backbone
+
+
+# An optimiser step moves a weight by about the learning rate (Adam's step is normalised; lr 2e-3
+# by default); weight decay alone moves it by lr * weight_decay * |w| (~1e-8) and an EMA of two
+# equal copies by rounding (~1e-9): a weight that moved by more than this took optimiser steps.
+MOVED = 1e-5
+
+
+def parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters, not the buffers: BatchNorm running statistics change on every forward pass."""
+    return {k: p.detach().clone() for k, p in module.named_parameters()}
+
+
+def untrained_twin(run: Path, dest: Path) -> dict:
+    """``rela eval`` of ``run``'s learner as it was before training: the floor that training must beat."""
+    dest.mkdir(parents=True)
+    shutil.copy(Path(run) / "config.yaml", dest / "config.yaml")
+    blob = torch.load(Path(run) / "backbone.pt", map_location="cpu", weights_only=True)
+    blob["state_dict"] = starting_backbone(run).state_dict()
+    torch.save(blob, dest / "backbone.pt")
+    run_ok(["eval", str(dest), *EVAL])
+    return read_metrics(dest)
+
+
+def fit(module, max_steps: int = -1, max_epochs: int | None = None, callbacks=()):
+    """Lightning's fit of a prepared ReLAModule on CPU, without logs or checkpoints; returns the trainer."""
+    trainer = L.Trainer(max_steps=max_steps, max_epochs=max_epochs or module.cfg.epochs, accelerator="cpu",
+                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, callbacks=list(callbacks))
+    trainer.fit(module)
+    return trainer
+
+
+# --- evaluation, recomputed ----------------------------------------------------------------------
+
+def saved_backbone_features(run: Path, *images: torch.Tensor) -> list[torch.Tensor]:
+    """Features of each uint8 image tensor under the backbone ``run`` saved, computed as ``rela eval`` does."""
+    blob = load_backbone_file(Path(run) / "backbone.pt")
+    backbone, normalize = build_saved_backbone(blob), Normalize(blob["mean"], blob["std"], blob["channels"])
+    return [backbone_features(backbone, x, normalize) for x in images]
+
+
+def weighted_knn_top1(train_features, train_labels, test_features, test_labels, k: int,
+                      temperature: float = 0.1, classes: int = 10) -> float:
+    """Cosine k-NN with exp(similarity / T) votes, written out in numpy (independent of rela.evaluate)."""
+    def unit(x):
+        x = x.numpy().astype(np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    sim = unit(test_features) @ unit(train_features).T
+    nearest = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    votes = np.zeros((len(sim), classes))
+    for row, neighbours in enumerate(nearest):
+        np.add.at(votes[row], train_labels.numpy()[neighbours], np.exp(sim[row, neighbours] / temperature))
+    return float((votes.argmax(1) == test_labels.numpy()).mean())

@@ -45,10 +45,20 @@ def test_rela_loss_mixed_case_by_hand():
 
 
 def test_rela_loss_gradient_flows_to_predictions_only():
-    pred = torch.randn(4, 3, requires_grad=True)
-    target = torch.randn(4, 3, requires_grad=True)
-    rela_loss(pred, pred * 2, target).backward()
-    assert pred.grad is not None and pred.grad.abs().sum() > 0
+    g = torch.Generator().manual_seed(0)
+    pred_1, pred_2, target = (torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+                              for _ in range(3))
+    rela_loss(pred_1, pred_2, target).backward()
+    assert target.grad is None  # the targets are fixed: the loss must not pull them toward the predictions
+    # each view's gradient is that of its own cosine term, 1/2 mean(1 - cos(pred, y)), and nothing else
+    for pred in (pred_1, pred_2):
+        leaf = pred.detach().clone().requires_grad_(True)
+        (0.5 * (1 - torch.nn.functional.cosine_similarity(leaf, target.detach(), dim=1)).mean()).backward()
+        assert pred.grad.abs().sum() > 0
+        torch.testing.assert_close(pred.grad, leaf.grad, rtol=1e-12, atol=1e-12)
+    # and the analytic gradient matches finite differences
+    assert torch.autograd.gradcheck(lambda a, b: rela_loss(a, b, target), (pred_1.detach().requires_grad_(),
+                                                                           pred_2.detach().requires_grad_()))
 
 
 def test_accelerator_regresses_indexed_targets():

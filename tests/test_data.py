@@ -7,7 +7,7 @@ import gzip
 import numpy as np
 import pytest
 import torch
-from conftest import FASHION_MNIST_ROOT, make_fashion_root, write_idx
+from conftest import FASHION_MNIST_ROOT, fashion_mnist_problem, make_fashion_root, needs_fmnist, write_idx
 from PIL import Image
 
 from rela.data import DynamicSubsetSampler, Normalize, ViewAugment, load_dataset, resize_center
@@ -261,8 +261,19 @@ def test_fashion_mnist_label_image_count_mismatch(tmp_path, monkeypatch):
         load_dataset("fashion-mnist", "train", root=tmp_path)
 
 
-@pytest.mark.skipif(not (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_needs_fmnist_looks_at_the_files(tmp_path):
+    """The tests that need the real data skip unless all four IDX files are there and readable."""
+    assert "train-images-idx3-ubyte.gz" in fashion_mnist_problem(tmp_path)  # an empty folder
+    make_fashion_root(tmp_path)
+    assert fashion_mnist_problem(tmp_path) is None
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip")
+    assert "t10k-labels-idx1-ubyte.gz" in fashion_mnist_problem(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(3, dtype=np.uint8))
+    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
+    assert "train-labels-idx1-ubyte.gz" in fashion_mnist_problem(tmp_path)
+
+
+@needs_fmnist
 def test_real_fashion_mnist_files(monkeypatch):
     monkeypatch.delenv("RELA_DATA", raising=False)
     test = load_dataset("fashion-mnist", "test")

@@ -8,6 +8,7 @@ wrote. Lightning's launcher starts rank 1 by re-running the same command, driver
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from test_accelerator import reference_switch_step
 
 from rela.bank import open_bank
 from rela.targets import transport
@@ -126,18 +129,117 @@ def test_every_rank_indexes_the_bank_rows_of_its_samples(ddp_run):
             np.testing.assert_allclose(np.array(step["targets"]), expected[step["index"]], rtol=0, atol=1e-6)
 
 
-def test_switch_decision_identical_on_all_ranks(ddp_run):
-    out, ranks = ddp_run
-    lambdas = [[s["lambda"] for s in r["steps"]] for r in ranks]
-    assert lambdas[0] == lambdas[1]
-    assert 1.0 in lambdas[0] and 0.0 in lambdas[0]  # switched mid-run, at the same step on both ranks
-    switch_step = json.loads((out / "metrics.json").read_text())["switch_step"]
-    assert ranks[0]["switch_step"] == ranks[1]["switch_step"] == switch_step
-    assert 0 < switch_step < EPOCHS * STEPS_PER_EPOCH
-
-
 def test_checkpoints_written_once_by_rank_zero(ddp_run):
     out, ranks = ddp_run
     assert ranks[1]["saves"] == []
     assert ranks[0]["saves"] and {Path(p).name for p in ranks[0]["saves"]} == {"last.ckpt"}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+# --- the switch decision and the logs, on a run where the ranks see different ReLA losses ---------
+
+OFFSET_DRIVER = """
+import json, os, sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from rela.accelerator import ReLAAccelerator
+from rela.cli import main
+from rela.train import ReLAModule
+
+log = {"losses": [], "lambdas": []}
+rela_loss, training_step = ReLAAccelerator.loss, ReLAModule.training_step
+
+
+def offset_loss(self, features_1, features_2, index):
+    # rank r's ReLA loss plus r * OFFSET: the same gradients, but a switch that depends on which losses it sees
+    value = rela_loss(self, features_1, features_2, index) + dist.get_rank() * OFFSET
+    log["losses"].append(value.item())
+    return value
+
+
+def recording_step(self, index, batch_idx):
+    log["lambdas"].append(self.rela.switch.weight(self.current_epoch))
+    return training_step(self, index, batch_idx)
+
+
+def dump(self):
+    log["switch_step"] = self.switch_step
+    Path(os.environ["RELA_TEST_LOG"], f"rank{self.global_rank}.json").write_text(json.dumps(log))
+
+
+ReLAAccelerator.loss, ReLAModule.training_step, ReLAModule.on_train_end = offset_loss, recording_step, dump
+sys.exit(main(sys.argv[1:]))
+"""
+# With rank 1's loss 100 above rank 0's, the adaptive rule (threshold 0.45) fed rank 0's losses
+# alone never fires in 16 steps, fed rank 1's fires after its 3rd step and fed their average after
+# its 5th (test_accelerator.reference_switch_step): each way of combining the ranks shows.
+OFFSET, OFFSET_SWITCH, OFFSET_STEPS_PER_EPOCH = 100.0, "adaptive:0.45", N // 2 // BATCH
+
+
+def run_two_ranks(driver: str, args: list[str], base: Path) -> list[dict]:
+    """``driver`` with ``args`` as two CPU ranks (rank 1 started by Lightning); returns each rank's log."""
+    logs = base / "logs"
+    logs.mkdir()
+    (base / "driver.py").write_text(driver)
+    env = {**os.environ, "RELA_TEST_LOG": str(logs), "OMP_NUM_THREADS": "1"}
+    # its own session: on a timeout the whole group goes, rank 1 included
+    proc = subprocess.Popen([sys.executable, str(base / "driver.py"), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=base, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    return [json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def offset_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp-offset")
+    out = base / "run"
+    args = ["train", "--dataset", f"synthetic:{N}", "--backbone", "convnet", "--method", "byol",
+            "--prior", "random", "--switch", OFFSET_SWITCH, "--ratio", "1", "--batch-size", str(BATCH),
+            "--epochs", str(EPOCHS), "--seed", str(SEED), "--probe-every", "1", "--no-progress",
+            "--devices", "2", "--accelerator", "cpu", "--out", str(out), "--cache-dir", str(base / "cache")]
+    return out, run_two_ranks(f"OFFSET = {OFFSET!r}\n" + OFFSET_DRIVER, args, base)
+
+
+def test_switch_decision_identical_on_all_ranks(offset_run):
+    out, ranks = offset_run
+    lambdas = [r["lambdas"] for r in ranks]
+    assert lambdas[0] == lambdas[1] and len(lambdas[0]) == EPOCHS * OFFSET_STEPS_PER_EPOCH
+    rela_steps = lambdas[0].count(1.0)
+    assert lambdas[0] == [1.0] * rela_steps + [0.0] * (len(lambdas[0]) - rela_steps)  # one hand-over
+    own = [r["losses"] for r in ranks]
+    assert len(own[0]) == len(own[1]) == rela_steps
+    # The switch saw each step's loss averaged over the ranks: replaying the rule on the average
+    # gives the hand-over; rank 0's or rank 1's losses alone give another one.
+    threshold = float(OFFSET_SWITCH.partition(":")[2])
+    mean = [(a + b) / 2 for a, b in zip(own[0], own[1])]
+    assert reference_switch_step(mean, threshold) == rela_steps - 1
+    alone = [reference_switch_step(losses, threshold) for losses in own]
+    assert rela_steps - 1 not in alone, alone
+    switch_step = json.loads((out / "metrics.json").read_text())["switch_step"]
+    assert ranks[0]["switch_step"] == ranks[1]["switch_step"] == switch_step
+    assert 0 < switch_step < EPOCHS * OFFSET_STEPS_PER_EPOCH
+
+
+def test_metrics_logged_once_under_ddp(offset_run):
+    out, _ = offset_run
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["metrics.csv"]  # one log, no metrics.1.csv
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {k for row in rows for k, v in row.items() if v != ""}
+    assert {"loss", "train/lambda", "train/method_loss", "train/monitor_acc", "probe_knn", "epoch", "step"} <= logged
+    # one writer: each step's training row once, one probe row per epoch (two writers double both)
+    step_rows = [row["step"] for row in rows if row["loss"] != ""]
+    probe_rows = [row["epoch"] for row in rows if row["probe_knn"] != ""]
+    assert step_rows and len(step_rows) == len(set(step_rows))
+    assert probe_rows == [str(e) for e in range(EPOCHS)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, EPOCHS + 1))
+    assert metrics["steps"] == EPOCHS * OFFSET_STEPS_PER_EPOCH

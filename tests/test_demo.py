@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import matplotlib
+import matplotlib.colors
 import pytest
-from conftest import FASHION_MNIST_ROOT, read_metrics
+from conftest import FASHION_MNIST_ROOT, needs_fmnist, read_metrics
 from PIL import Image
 
 from rela.cli import main
@@ -34,18 +36,31 @@ def test_format_table(runs):
     assert lines[-1].split("|")[6].strip() == str(runs["ReLA (constant:0.5) + BYOL"]["switch_step"])
 
 
+def colour_pixels(path, colours: list) -> list[int]:
+    """How many pixels of the PNG at ``path`` have exactly each of ``colours`` (any matplotlib colour)."""
+    with Image.open(path) as image:
+        counts = {rgb: n for n, rgb in image.convert("RGB").getcolors(maxcolors=1 << 20)}
+    return [counts.get(tuple(round(255 * v) for v in matplotlib.colors.to_rgb(c)), 0) for c in colours]
+
+
 def test_plot_cost_curves_writes_a_png(runs, tmp_path):
     path = tmp_path / "cost.png"
     plot_cost_curves(runs, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
         assert image.size == (720, 480)  # 6 x 4 inches at 120 dpi
-        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
-    assert len(colours) > 10  # not a blank canvas: axes, curves, legend
+    # Each run's curve is drawn in its own colour of matplotlib's default cycle (#1f77b4, #ff7f0e, ...).
+    # The legend alone shows each colour too, so the same plot with no probe points is the floor; one
+    # probe marker (6 pt at 120 dpi, 10 px across) adds ~70 pixels (measured here: +96 to +640).
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"][:len(runs)]
+    legend_only = tmp_path / "legend-only.png"
+    plot_cost_curves({label: {**m, "history": []} for label, m in runs.items()}, legend_only)
+    with_curves, floor = colour_pixels(path, colours), colour_pixels(legend_only, colours)
+    for colour, n, n_floor in zip(colours, with_curves, floor):
+        assert n > n_floor + 50, f"{colour}: {n} pixels with the curves, {n_floor} with the legend alone"
 
 
-@pytest.mark.skipif(not (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@needs_fmnist
 def test_demo_command_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the demo caches banks under ./.cache/rela
     monkeypatch.delenv("RELA_DATA", raising=False)

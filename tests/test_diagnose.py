@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import FASHION_MNIST_ROOT
+from conftest import needs_fmnist
 
 from rela.cli import main
 from rela.diagnose import class_spread, effective_rank, linear_cka, ridge_r2
 
-needs_fmnist = pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="Fashion-MNIST not installed")
 SLICE = ["--dataset", "fashion-mnist", "--train-limit", "512", "--test-limit", "128", "--no-progress"]
 
 

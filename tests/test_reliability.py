@@ -7,8 +7,10 @@ so a crash at step 7 resumes mid-epoch (epoch 1, one batch in) from step 6.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,21 +195,32 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(capsys, tmp_path, mo
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_read_only_output_folder(capsys, tmp_path, monkeypatch):
+@contextlib.contextmanager
+def refusing_writes(folder: Path):
+    """Make ``folder`` refuse new files for real: no write permission, and for root (who ignores
+    permission bits) the ext4 immutable attribute; skips when neither can be had here."""
+    folder.chmod(0o555)
+    immutable = False
+    try:
+        if os.access(folder, os.W_OK):
+            chattr = shutil.which("chattr")
+            if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode:
+                pytest.skip("running as root on a file system without chattr +i: a folder cannot be made unwritable")
+            immutable = True
+        yield
+    finally:
+        if immutable:
+            subprocess.run([shutil.which("chattr"), "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_read_only_output_folder(capsys, tmp_path):
     out = tmp_path / "read-only"
     out.mkdir()
-    out.chmod(0o555)
-    if os.access(out, os.W_OK):  # root ignores permission bits: make the folder refuse files the way EROFS does
-        real = __import__("tempfile").TemporaryFile
-
-        def refuse(*a, dir=None, **kw):
-            if dir is not None and Path(dir) == out:
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-            return real(*a, dir=dir, **kw)
-
-        monkeypatch.setattr("rela.io.tempfile.TemporaryFile", refuse)
-    expect_user_error(capsys, cli_args(out, tmp_path / "cache"), str(out), "not writable")
-    out.chmod(0o755)
+    with refusing_writes(out):
+        with pytest.raises(OSError):  # the folder really refuses files, with the write probe left as it is
+            (out / "probe").write_bytes(b"")
+        expect_user_error(capsys, cli_args(out, tmp_path / "cache"), str(out), "not writable")
     assert list(out.iterdir()) == []
     assert not (tmp_path / "cache").exists()  # refused before any work
 
@@ -216,3 +229,50 @@ def test_bad_checkpoint_every(capsys, tmp_path):
     out = tmp_path / "out"
     expect_user_error(capsys, cli_args(out, tmp_path / "cache", "--checkpoint-every", "-1"), "checkpoint_every")
     assert not out.exists()
+
+
+# --- a SIGKILL after the switch ----------------------------------------------------------------
+
+KILL_DRIVER = """
+import os, signal, sys
+
+from rela.cli import main
+from rela.train import ReLAModule
+
+training_step = ReLAModule.training_step
+
+
+def dying_step(self, index, batch_idx):
+    if self.global_step == KILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return training_step(self, index, batch_idx)
+
+
+ReLAModule.training_step = dying_step
+sys.exit(main(sys.argv[1:]))
+"""
+# The adaptive rule (test_accelerator.reference_switch_step) on TINY's ReLA losses (~1) reaches
+# rho >= 0.377 at its 4th update: ReLA for steps 0-3, the base method from step 4 on.
+EARLY_SWITCH, SWITCH_STEP = "adaptive:0.377", 3
+
+
+def test_sigkill_after_the_switch_resumes_to_identical_weights(tmp_path):
+    """Killed at step 7, after the switch (step 3) and the step-6 checkpoint: the resumed run must
+    go on with the base method alone and end as the uninterrupted run does."""
+    reference = tmp_path / "reference"
+    run_ok(reference_args(reference, tmp_path / "cache", "--switch", EARLY_SWITCH))
+    assert read_metrics(reference)["switch_step"] == SWITCH_STEP
+    out = tmp_path / "run"
+    args = reference_args(out, tmp_path / "cache", "--switch", EARLY_SWITCH,
+                          "--checkpoint-every", str(CHECKPOINT_EVERY))
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"KILL_AT = {TINY_STEPS - 1}\n" + KILL_DRIVER)
+    proc = subprocess.run([sys.executable, str(driver), *args], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 6 and not (out / "metrics.json").exists()
+    assert bool(state["state_dict"]["rela.switch.switched"])  # the checkpoint holds the switched state
+    assert int(state["state_dict"]["rela.switch.switch_step"]) == SWITCH_STEP
+    run_ok([*args, "--resume"])
+    assert_same_run(out, reference)  # steps, switch_step, rela_steps, probe history, weights
+    assert read_metrics(out)["switch_step"] == SWITCH_STEP
