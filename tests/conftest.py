@@ -23,7 +23,7 @@ from rela.config import TrainConfig
 from rela.data import Normalize
 from rela.evaluate import backbone_features
 from rela.priors import build_saved_backbone, load_backbone_file
-from rela.train import prepare
+from rela.build import prepare
 
 # ``rela/__init__`` re-exports the function ``train``, which shadows the sub-module attribute.
 train_module = importlib.import_module("rela.train")
@@ -141,7 +141,7 @@ def starting_backbone(run: Path, seed: int | None = None) -> torch.nn.Module:
     """
     cfg = TrainConfig.from_yaml(Path(run) / "config.yaml")
     cfg.prior, cfg.seed = "none", cfg.seed if seed is None else seed
-    return prepare(cfg).module.method.backbone
+    return prepare(cfg).method.backbone
 
 
 # An optimiser step moves a weight by about the learning rate (Adam's step is normalised; lr 2e-3

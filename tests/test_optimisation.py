@@ -11,7 +11,8 @@ from conftest import fit, parameters
 from lightning.pytorch.callbacks import Callback
 
 from rela.config import TrainConfig
-from rela.train import prepare
+from rela.build import prepare
+from rela.train import ReLAModule
 
 LR = 2e-3
 
@@ -21,7 +22,8 @@ def _module(tmp_path, **overrides):
     cfg = TrainConfig(dataset="synthetic:128", prior="random", switch="never", batch_size=32, epochs=4, lr=LR,
                       warmup=0.25, probe_every=0, progress=False, cache_dir=str(tmp_path / "cache"),
                       out=str(tmp_path / "run"), **overrides)
-    return prepare(cfg).module
+    run = prepare(cfg)
+    return ReLAModule(cfg, run.method, run.rela, run.train_set)
 
 
 class RecordLearningRate(Callback):
