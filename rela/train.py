@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightly.utils.dist import rank as dist_rank
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
@@ -30,6 +31,7 @@ from rela.accelerator import ReLAAccelerator
 from rela.build import prepare
 from rela.config import TrainConfig
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
+from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.evaluate import backbone_features, knn_accuracy
 from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
@@ -245,8 +247,11 @@ def _sync_batchnorm(cfg: TrainConfig) -> bool:
 
 
 def _trainer_layout(cfg: TrainConfig) -> dict:
+    sync = _sync_batchnorm(cfg)
+    cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     return {"accelerator": cfg.accelerator, "devices": cfg.devices, "num_nodes": cfg.num_nodes,
-            "strategy": _strategy(cfg), "sync_batchnorm": _sync_batchnorm(cfg)}
+            "strategy": _strategy(cfg), "sync_batchnorm": sync,
+            "plugins": [AtomicCheckpointIO()] + ([SyncBatchNorm(cuda)] if sync else [])}
 
 
 def _start_ranks(cfg: TrainConfig) -> None:
@@ -306,10 +311,11 @@ def train(cfg: TrainConfig) -> dict:
         _check_checkpoint_fits(last, module)
     # 4. fit
     out.mkdir(parents=True, exist_ok=True)
-    for folder in (out, out / "checkpoints"):  # what a killed earlier process of this run was writing
-        remove_stale_temp_files(folder)
-    save_yaml(cfg.to_dict(), out / "config.yaml")
-    _keep_previous_log(out / "logs" / "metrics.csv")
+    if dist_rank() == 0:  # the other ranks run alongside by now (_start_ranks): one process writes the folder
+        for folder in (out, out / "checkpoints"):  # what a killed earlier process of this run was writing
+            remove_stale_temp_files(folder)
+        save_yaml(cfg.to_dict(), out / "config.yaml")
+        _keep_previous_log(out / "logs" / "metrics.csv")
     # Both write last.ckpt: at every epoch end and every checkpoint_every steps inside an epoch.
     every = [{"every_n_epochs": 1}] + ([{"every_n_train_steps": cfg.checkpoint_every}] if cfg.checkpoint_every else [])
     callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
@@ -322,7 +328,6 @@ def train(cfg: TrainConfig) -> dict:
             logger=CSVLogger(out, name="logs", version=""),
             callbacks=callbacks, enable_progress_bar=cfg.progress, enable_model_summary=False,
             log_every_n_steps=10, use_distributed_sampler=False, num_sanity_val_steps=0,
-            plugins=[AtomicCheckpointIO()],
         )
         module.wall_start = wall_start
         trainer.fit(module, ckpt_path=str(last) if resuming else None)

@@ -9,7 +9,8 @@ from lightly.loss import BarlowTwinsLoss
 from lightly.models.modules import BarlowTwinsProjectionHead
 
 from rela.data.augment import BYOL_VIEW_1, BYOL_VIEW_2
-from rela.methods.base import TwoViewMethod, global_batch
+from rela.distributed import global_batch
+from rela.methods.base import TwoViewMethod
 from rela.registry import METHODS
 
 

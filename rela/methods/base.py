@@ -21,28 +21,11 @@ import copy
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.dist import gather
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from rela.data.augment import ViewAugment
-
-
-def distributed() -> bool:
-    """True inside a process group of more than one process (DDP), when batch-wide losses must gather."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def global_batch(z: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``z`` concatenated in rank order; the gradient flows back to each rank's share.
-
-    lightly's ``gather`` sums the gradients of all ranks in its backward pass, so with DDP's
-    gradient averaging a loss computed identically on every rank from the global batch trains
-    exactly as one process on that batch would.
-    """
-    return torch.cat(gather(z), 0) if distributed() else z
 
 
 class MethodOutput(NamedTuple):
