@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data demo test readme-tables clean
+.PHONY: setup data demo test readme-tables clean bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: setup data
 
 readme-tables: setup
 	$(BIN)/python benchmarks/readme_tables.py
+
+# GPU benchmark, offline: the 4 Fashion-MNIST .gz files in FMNIST (an ignored folder carried with the tree)
+FMNIST ?= data/fashion-mnist
+bench-gpu:
+	$(BIN)/python benchmarks/gpu.py --data-root $(FMNIST)
 
 clean:
 	rm -rf runs .cache .pytest_cache

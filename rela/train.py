@@ -296,8 +296,11 @@ def _quiet_lightning():
         logger.setLevel(level)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one training job as configured; returns the metrics written to ``metrics.json``."""
+def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
+    """Run one training job as configured; returns the metrics written to ``metrics.json``.
+
+    ``callbacks``: extra Lightning callbacks (benchmarks measure and convert the model through them).
+    """
     cfg.validate()
     out = _check_out_dir(cfg)
     check_writable(out)
@@ -318,8 +321,8 @@ def train(cfg: TrainConfig) -> dict:
         _keep_previous_log(out / "logs" / "metrics.csv")
     # Both write last.ckpt: at every epoch end and every checkpoint_every steps inside an epoch.
     every = [{"every_n_epochs": 1}] + ([{"every_n_train_steps": cfg.checkpoint_every}] if cfg.checkpoint_every else [])
-    callbacks = [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
-                                 enable_version_counter=False, **when) for when in every]
+    callbacks = [*callbacks] + [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
+                                                enable_version_counter=False, **when) for when in every]
     if run.test_set is not None:
         callbacks.insert(0, CostCurveProbe(train_set, run.test_set, cfg.probe_every))
     with _quiet_lightning():

@@ -1,0 +1,28 @@
+"""``benchmarks/gpu.py --smoke``: the GPU benchmark's code path on CPU, from Fashion-MNIST files on disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from conftest import make_fashion_root
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+def test_gpu_benchmark_smoke_runs_on_cpu_and_writes_its_report(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    make_fashion_root(tmp_path / "fmnist", n_train=320, n_test=160)
+    bench.main(["--smoke", "--data-root", str(tmp_path / "fmnist"), "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "gpu_smoke.json").read_text())
+    assert list(report["runs"]) == ["byol-full", "rela-10", "rela-20", "rela-50"]
+    assert report["dataloader_path"].startswith("pending")
+    for name, run in report["runs"].items():
+        assert run["images_per_second"] > 0 and 0 <= run["knn_top1"] <= 1 and 0 <= run["linear_top1"] <= 1
+        assert run["gpu_busy_fraction"] is None and run["peak_gpu_memory_gb"] is None  # CPU: not measured
+    assert report["runs"]["byol-full"]["cost_ratio"] == 1.0
+    assert report["runs"]["rela-10"]["bank_seconds"] > 0  # ReLA runs extract a bank of the 32x32 RGB images
+    assert "| rela-50 | 0.5 |" in (tmp_path / "out" / "gpu_smoke.md").read_text()
