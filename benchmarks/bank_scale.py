@@ -19,7 +19,7 @@ extraction writes them (atomic chunk files with checksums), and are assembled in
   row is read from disk; *warm*: the same batch again.
 
 The bank is written to a temporary folder (``--dir``, default /tmp) and deleted afterwards.
-Results: ``benchmarks/results/bank_scale.json``.
+Results: ``bank_scale.json`` under ``--results``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -39,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import add_output_args, environment
 from rela.bank import BankWriter, open_bank
 from rela.io import save_json
 
-RESULTS = Path(__file__).parent / "results" / "bank_scale.json"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -56,7 +55,7 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dir", default="/tmp", help="where the temporary bank folder is made")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS))
+    add_output_args(p)
     return p.parse_args()
 
 
@@ -130,69 +129,73 @@ def measure_gathers(args, feats: torch.Tensor, path: Path) -> dict:
             "runs": runs}
 
 
+def measure_loads(args, path: Path, key: str) -> dict:
+    """open_bank repeated on a file dropped from the page cache: seconds and resident memory."""
+    drop_from_page_cache(path)
+    before = rss_mb()
+    seconds = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        open_bank(path, key)
+        seconds.append(time.perf_counter() - start)
+    after = rss_mb()
+    print(f"load: {', '.join(f'{s * 1e3:.2f} ms' for s in seconds)}", flush=True)
+    return {"load_seconds": seconds, "load_seconds_median": statistics.median(seconds),
+            "load_rss_delta_mb": after["VmRSS"] - before["VmRSS"], "rss_before_load": before, "rss_after_load": after}
+
+
+def measure(args, workdir: Path, free: int) -> dict:
+    """Write, load, gather and fully verify one bank in ``workdir``."""
+    key, path = "simulated-bank-" + "0" * 49, workdir / "bank.npy"
+    print(f"writing {args.rows} x {args.dim} {args.dtype} to {workdir}", flush=True)
+    rss_start = rss_mb()
+    start = time.perf_counter()
+    _, write = write_bank(args, path, key)
+    write["total_seconds"] = time.perf_counter() - start
+    loads = measure_loads(args, path, key)
+    array, _ = open_bank(path, key)
+    gather = measure_gathers(args, torch.from_numpy(array), path)  # what load_or_extract returns: a view of the map
+    print(f"gather {args.batch} rows: cold {gather['cold']['seconds']['median'] * 1e3:.1f} ms, "
+          f"warm {gather['warm']['seconds']['median'] * 1e3:.2f} ms; RSS +{gather['cold']['rss_delta_mb']['median']:.1f} MB "
+          f"(bound {gather['touched_pages_bound_mb']:.1f} MB)", flush=True)
+    del array
+    start = time.perf_counter()
+    open_bank(path, key, verify=True)
+    file_bytes = path.stat().st_size
+    return {
+        "rows": args.rows, "dim": args.dim, "dtype": args.dtype, "chunk_rows": args.chunk_rows,
+        "file_bytes": file_bytes, "file_gb": file_bytes / 1e9, "data_bytes": args.rows * args.dim * np.dtype(args.dtype).itemsize,
+        "write": write, **{k: loads[k] for k in ("load_seconds", "load_seconds_median", "load_rss_delta_mb")},
+        "full_checksum_verify_seconds": time.perf_counter() - start, "gather": gather,
+        "rss_mb": {"start": rss_start, "before_load": loads["rss_before_load"], "after_load": loads["rss_after_load"]},
+        "meta": {"command": "nice -n 19 .venv/bin/python " + " ".join(sys.argv), "niced": True,
+                 "note": "ran at nice 19 next to other CPU jobs on a shared 2-core machine: times are upper "
+                         "bounds; the page cache of the bank file was dropped before the load and every cold "
+                         "gather (posix_fadvise DONTNEED)",
+                 **environment(), "numpy": np.__version__, "free_disk_gb_before": free / 1e9},
+    }
+
+
 def main() -> int:
     args = parse_args()
-    itemsize = np.dtype(args.dtype).itemsize
-    bank_bytes = args.rows * args.dim * itemsize
-    workdir_parent = Path(args.dir)
-    free = shutil.disk_usage(workdir_parent).free
-    need = int(2.2 * bank_bytes)  # the chunks and the assembled file exist together for a moment
+    need = int(2.2 * args.rows * args.dim * np.dtype(args.dtype).itemsize)  # chunks + assembled file, for a moment
+    free = shutil.disk_usage(args.dir).free
     if free < need:
-        print(f"not enough free disk in {workdir_parent}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed",
+        print(f"not enough free disk in {args.dir}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed",
               file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="rela-bank-scale-", dir=workdir_parent))
+    workdir = Path(tempfile.mkdtemp(prefix="rela-bank-scale-", dir=args.dir))
     # a SIGTERM (timeout, scheduler) still runs the clean-up below: gigabytes of temporary bank
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    key = "simulated-bank-" + "0" * 49
-    path = workdir / "bank.npy"
     try:
-        print(f"writing {args.rows} x {args.dim} {args.dtype} ({bank_bytes / 1e9:.2f} GB) to {workdir}", flush=True)
-        rss_start = rss_mb()
-        start = time.perf_counter()
-        _, write = write_bank(args, path, key)
-        write["total_seconds"] = time.perf_counter() - start
-        file_bytes = path.stat().st_size
-        drop_from_page_cache(path)
-        rss_before_load = rss_mb()
-        load_seconds = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            array, meta = open_bank(path, key)
-            load_seconds.append(time.perf_counter() - start)
-        rss_after_load = rss_mb()
-        feats = torch.from_numpy(array)  # what load_or_extract returns: a view of the memory map
-        print(f"load: {', '.join(f'{s * 1e3:.2f} ms' for s in load_seconds)}", flush=True)
-        gather = measure_gathers(args, feats, path)
-        print(f"gather {args.batch} rows: cold {gather['cold']['seconds']['median'] * 1e3:.1f} ms, "
-              f"warm {gather['warm']['seconds']['median'] * 1e3:.2f} ms; RSS +{gather['cold']['rss_delta_mb']['median']:.1f} MB "
-              f"(bound {gather['touched_pages_bound_mb']:.1f} MB)", flush=True)
-        del feats, array
-        start = time.perf_counter()
-        open_bank(path, key, verify=True)
-        full_verify_seconds = time.perf_counter() - start
-        result = {
-            "rows": args.rows, "dim": args.dim, "dtype": args.dtype, "chunk_rows": args.chunk_rows,
-            "file_bytes": file_bytes, "file_gb": file_bytes / 1e9, "data_bytes": bank_bytes,
-            "write": write,
-            "load_seconds": load_seconds, "load_seconds_median": statistics.median(load_seconds),
-            "load_rss_delta_mb": rss_after_load["VmRSS"] - rss_before_load["VmRSS"],
-            "full_checksum_verify_seconds": full_verify_seconds,
-            "gather": gather,
-            "rss_mb": {"start": rss_start, "before_load": rss_before_load, "after_load": rss_after_load},
-            "meta": {"command": "nice -n 19 .venv/bin/python " + " ".join(sys.argv), "niced": True,
-                     "note": "ran at nice 19 next to other CPU jobs on a shared 2-core machine: times are upper "
-                             "bounds; the page cache of the bank file was dropped before the load and every cold "
-                             "gather (posix_fadvise DONTNEED)",
-                     "torch": torch.__version__, "numpy": np.__version__, "machine": platform.platform(),
-                     "cpu_count": os.cpu_count(), "free_disk_gb_before": free / 1e9},
-        }
-        save_json(result, args.out)
-        print(f"file {file_bytes / 1e9:.2f} GB; write {write['total_seconds']:.0f} s; load median "
-              f"{result['load_seconds_median'] * 1e3:.2f} ms; full checksum {full_verify_seconds:.1f} s; "
-              f"saved {args.out}")
+        result = measure(args, workdir, free)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    out = args.results / "bank_scale.json"
+    save_json(result, out)
+    print(f"file {result['file_gb']:.2f} GB; write {result['write']['total_seconds']:.0f} s; load median "
+          f"{result['load_seconds_median'] * 1e3:.2f} ms; full checksum {result['full_checksum_verify_seconds']:.1f} s; "
+          f"saved {out}")
     return 0
 
 

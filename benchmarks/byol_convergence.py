@@ -18,11 +18,11 @@ so the script resumes where it stopped. Evaluation: the test split, k-NN (k = 20
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from common import ResultsFile, fmt, mean_std, train_and_evaluate
+from common import RESULTS, RUNS, ResultsFile, command, fmt, mean_std, run_cell, write_report
 from rela.config import TrainConfig
-from rela.io import save_text
 
 KNN_GAIN, LINEAR_GAIN = 1.0, 0.5  # points that doubling E may add, at most, for E to count as "full"
 
@@ -33,25 +33,19 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds at the chosen E and 2E")
     p.add_argument("--backbone", default="convnet")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--runs-dir", default="runs/byol_convergence")
-    p.add_argument("--results", default="benchmarks/results/byol_convergence.json")
+    p.add_argument("--runs-dir", default=str(RUNS / "byol_convergence"))
+    p.add_argument("--results", default=str(RESULTS / "byol_convergence.json"))
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
 
 
 def run(results: ResultsFile, args, epochs: int, seed: int) -> dict:
-    done = results.find(epochs=epochs, seed=seed)
-    if done:
-        return done
-    print(f"[byol_convergence] BYOL {epochs} epochs, seed {seed}", flush=True)
     cfg = TrainConfig(dataset="fashion-mnist", backbone=args.backbone, method="byol", prior="none", ratio=1.0,
                       epochs=epochs, batch_size=args.batch_size, seed=seed, probe_every=0, progress=False,
                       out=str(Path(args.runs_dir) / f"byol-{epochs}ep-s{seed}"))
-    m = train_and_evaluate(cfg)
-    record = {"epochs": epochs, "seed": seed, **{k: m.get(k) for k in (
-        "knn_top1", "knn20_top1", "linear_top1", "train_seconds", "wall_seconds", "steps", "images_seen")}}
-    results.add(record)
-    return record
+    return run_cell(results, {"epochs": epochs, "seed": seed}, cfg, (
+        "knn_top1", "knn20_top1", "linear_top1", "train_seconds", "wall_seconds", "steps", "images_seen"),
+        f"[byol_convergence] BYOL {epochs} epochs, seed {seed}")
 
 
 def by_epochs(results: ResultsFile, seeds=None) -> dict[int, list[dict]]:
@@ -103,8 +97,7 @@ def report(results: ResultsFile, args) -> int | None:
         if g3[0] is not None and len(full.get(chosen, [])) > 1:
             lines.append(f"On the mean of seeds {sorted({r['seed'] for r in full[chosen]})}: 2E - E = "
                          f"{g3[0]:+.2f} k-NN, {g3[1]:+.2f} linear.")
-    save_text("\n".join(lines) + "\n", results.path.with_suffix(".md"))
-    print("\n".join(lines))
+    write_report(lines, results.path.with_suffix(".md"))
     return chosen
 
 
@@ -113,7 +106,7 @@ def main(argv=None) -> None:
     results = ResultsFile(args.results, meta={"backbone": args.backbone, "batch_size": args.batch_size,
                                               "dataset": "fashion-mnist", "method": "byol"},
                           command=None if args.report_only else
-                          "python benchmarks/byol_convergence.py " + " ".join(argv or __import__("sys").argv[1:]))
+                          command(__file__, argv or sys.argv[1:]))
     if not args.report_only:
         for e in args.epochs:
             run(results, args, e, 0)

@@ -21,8 +21,8 @@ How each moment is found:
 
 Reported per case: the step of the checkpoint the resumed run started from and the files left.
 
-Usage: ``python benchmarks/kill_resume.py [--work DIR] [--jobs N]``; results in
-``benchmarks/results/kill_resume.json``. ``--jobs`` runs the cases side by side (they share nothing
+Usage: ``python benchmarks/kill_resume.py [--work DIR] [--jobs N] [--results DIR]``; results in
+``kill_resume.json`` under ``--results``. ``--jobs`` runs the cases side by side (they share nothing
 but the CPU); a finished uninterrupted run of the same configuration in ``--work`` is reused.
 """
 
@@ -43,8 +43,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "kill_resume.json"
+from common import REPO, RUNS, add_output_args
+from rela.io import save_json
+
 EVERY = 4  # --checkpoint-every
 CONFIG = ["--dataset", "fashion-mnist", "--train-limit", "512", "--test-limit", "500", "--backbone", "convnet",
           "--method", "byol", "--prior", "random", "--switch", "adaptive:0.5", "--epochs", "4", "--batch-size", "32",
@@ -55,7 +56,7 @@ AFTER_CHECKPOINT = 2.0
 
 
 def rela(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rela", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+    return subprocess.Popen([sys.executable, "-m", "rela", *args], cwd=REPO, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
@@ -126,73 +127,84 @@ def checkpoint_step(run: Path) -> int | None:
     return torch.load(last, map_location="cpu", weights_only=False)["global_step"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=str(ROOT / "runs" / "kill_resume"), help="scratch folder")
-    parser.add_argument("--jobs", type=int, default=1, help="cases run at the same time")
-    args = parser.parse_args()
-    work = Path(args.work)
+def train_args(work: Path, name: str) -> list[str]:
+    return ["train", *CONFIG, "--out", str(work / name), "--cache-dir", str(work / name / "cache")]
 
-    def train_args(name: str) -> list[str]:
-        return ["train", *CONFIG, "--out", str(work / name), "--cache-dir", str(work / name / "cache")]
 
-    start = time.perf_counter()
+def uninterrupted(work: Path) -> dict:
+    """The reference run (reused when a finished one of the same configuration is in ``work``)."""
     done_marker = work / "uninterrupted.done"
     if not (done_marker.is_file() and done_marker.read_text() == " ".join(CONFIG + EVAL)):
         shutil.rmtree(work / "uninterrupted", ignore_errors=True)
-        finish(*train_args("uninterrupted"), "--no-progress")
+        finish(*train_args(work, "uninterrupted"), "--no-progress")
         finish("eval", str(work / "uninterrupted"), *EVAL)
         done_marker.write_text(" ".join(CONFIG + EVAL))
     reference = summary(work / "uninterrupted")
-    switch = reference["switch_step"]
-    total = reference["steps"]
+    switch, total = reference["switch_step"], reference["steps"]
     if switch is None or not 8 < switch < total - 8:
         raise SystemExit(f"the switch fired at step {switch}; pick a threshold that fires mid-run")
     print(f"uninterrupted: {reference}", flush=True)
+    return reference
 
-    def after_checkpoint(step: int):
-        seen = {}
 
-        def moment(w: Watch) -> bool:
-            if w.step >= step:
-                seen.setdefault("at", time.monotonic())
-            return "at" in seen and time.monotonic() - seen["at"] >= AFTER_CHECKPOINT
-        return moment
+def after_checkpoint(step: int):
+    """The moment ``AFTER_CHECKPOINT`` seconds after ``last.ckpt`` first holds ``step`` or later."""
+    seen = {}
 
-    def in_bank_extraction(w: Watch) -> bool:
-        return "bank" in w.text and w.step < 0
+    def moment(w: Watch) -> bool:
+        if w.step >= step:
+            seen.setdefault("at", time.monotonic())
+        return "at" in seen and time.monotonic() - seen["at"] >= AFTER_CHECKPOINT
+    return moment
 
-    def in_checkpoint_write(run: Path):
-        return lambda w: w.step >= 20 and any((run / "checkpoints").glob(".last.ckpt.*.tmp"))
 
-    cases = {
+def in_bank_extraction(w: Watch) -> bool:
+    return "bank" in w.text and w.step < 0
+
+
+def kill_moments(work: Path, reference: dict) -> dict:
+    """case -> (when to kill, extra environment)."""
+    switch, total = reference["switch_step"], reference["steps"]
+    writing = work / "checkpoint_write" / "checkpoints"
+    return {
         "rela_phase": (after_checkpoint(switch // 2), {}),
         "at_switch": (after_checkpoint(switch // EVERY * EVERY), {}),
         "ssl_phase": (after_checkpoint((switch + total) // 2), {}),
         "bank_extraction": (in_bank_extraction, {}),
-        "checkpoint_write": (in_checkpoint_write(work / "checkpoint_write"),
+        "checkpoint_write": (lambda w: w.step >= 20 and any(writing.glob(".last.ckpt.*.tmp")),
                              {"RELA_DEBUG_CHECKPOINT_DELAY": CHECKPOINT_DELAY}),
     }
-    def run_case(name: str) -> dict:
-        moment, env = cases[name]
-        run = work / name
-        shutil.rmtree(run, ignore_errors=True)
-        watch = Watch(rela(*train_args(name), env=env), run)
-        watch.kill_when(moment)
-        cache_files = sorted(p.name for p in (run / "cache").glob("*")) if (run / "cache").is_dir() else []
-        temp_files = sorted(p.name for p in (run / "checkpoints").glob("*.tmp")) if (run / "checkpoints").is_dir() else []
-        killed = {"checkpoint_step_after_kill": checkpoint_step(run),
-                  "bank_cache_files_after_kill": cache_files, "temp_checkpoint_files_after_kill": temp_files}
-        finish(*train_args(name), "--no-progress", "--resume")
-        finish("eval", str(run), *EVAL)
-        resumed = summary(run)
-        equal = resumed == reference
-        print(f"{name}: killed {killed}; resumed run equal to uninterrupted: {equal}", flush=True)
-        return {"kill": killed, "equal": equal, "metrics": resumed}
 
+
+def run_case(work: Path, name: str, moment, env: dict, reference: dict) -> dict:
+    """Start the run, SIGKILL it at ``moment``, record what is left, resume, evaluate, compare."""
+    run = work / name
+    shutil.rmtree(run, ignore_errors=True)
+    Watch(rela(*train_args(work, name), env=env), run).kill_when(moment)
+    listing = {folder: sorted(p.name for p in (run / folder).glob(pattern)) if (run / folder).is_dir() else []
+               for folder, pattern in (("cache", "*"), ("checkpoints", "*.tmp"))}
+    killed = {"checkpoint_step_after_kill": checkpoint_step(run), "bank_cache_files_after_kill": listing["cache"],
+              "temp_checkpoint_files_after_kill": listing["checkpoints"]}
+    finish(*train_args(work, name), "--no-progress", "--resume")
+    finish("eval", str(run), *EVAL)
+    resumed = summary(run)
+    equal = resumed == reference
+    print(f"{name}: killed {killed}; resumed run equal to uninterrupted: {equal}", flush=True)
+    return {"kill": killed, "equal": equal, "metrics": resumed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=str(RUNS / "kill_resume"), help="scratch folder")
+    parser.add_argument("--jobs", type=int, default=1, help="cases run at the same time")
+    add_output_args(parser)
+    args = parser.parse_args()
+    work = Path(args.work)
+    start = time.perf_counter()
+    reference = uninterrupted(work)
+    cases = kill_moments(work, reference)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(zip(cases, pool.map(run_case, cases)))
-
+        results = dict(zip(cases, pool.map(lambda name: run_case(work, name, *cases[name], reference), cases)))
     report = {
         "command": "python benchmarks/kill_resume.py",
         "config": " ".join(CONFIG),
@@ -207,9 +219,8 @@ def main() -> None:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"all equal: {report['all_equal']}; results in {RESULTS}")
+    save_json(report, args.results / "kill_resume.json")
+    print(f"all equal: {report['all_equal']}; results in {args.results / 'kill_resume.json'}")
 
 
 if __name__ == "__main__":

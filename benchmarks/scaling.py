@@ -15,7 +15,7 @@ one measurement alone (``os.wait4`` returns the child's own resource usage):
   bank; timing the optimizer steps (``train_seconds``) and the whole process.
 
 The exponent b of ``seconds = a * N^b`` is fitted by least squares on log-log axes (1.0:
-linear growth). Results: ``benchmarks/results/scaling.{json,md}``.
+linear growth). Results: ``scaling.{json,md}`` under ``--results``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,21 +31,21 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
+from common import add_output_args, environment, table_head, write_report
+from rela.config import TrainConfig
+from rela.io import save_json
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[5000, 10000, 20000, 40000, 60000])
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", default=str(RESULTS / "scaling"), help="results path without extension")
+    add_output_args(p)
     p.add_argument("--child", nargs=3, metavar=("PHASE", "SIZE", "WORKDIR"), help=argparse.SUPPRESS)
     return p.parse_args()
 
 
-def config(size: int, batch_size: int, workdir: Path):
-    from rela.config import TrainConfig
-
+def config(size: int, batch_size: int, workdir: Path) -> TrainConfig:
     return TrainConfig(dataset="fashion-mnist", train_limit=size, backbone="convnet", method="byol",
                        prior="random", epochs=1, batch_size=batch_size, probe_every=0, progress=False,
                        checkpoint_every=0, accelerator="cpu", out=str(workdir / "run"),
@@ -90,6 +89,24 @@ def exponent(sizes: list[int], seconds: list[float]) -> float:
     return float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
 
 
+def report(rows: list[dict], fits: dict, args) -> None:
+    meta = {"command": "nice -n 19 .venv/bin/python " + " ".join(sys.argv), "niced": True,
+            "note": "ran at nice 19 next to other CPU jobs on a shared 2-core machine: timings are upper bounds "
+                    "(the lead may rerun it on a quiet machine); peak RSS is per subprocess (os.wait4)",
+            "batch_size": args.batch_size, **environment()}
+    save_json({"rows": rows, "fitted_exponent": fits, "meta": meta}, args.results / "scaling.json")
+    lines = [f"# Scaling with dataset size (Fashion-MNIST, convnet, ReLA + BYOL, batch {args.batch_size})", "",
+             f"Command: `{meta['command']}`. {meta['note']}.", "",
+             *table_head("images", "bank extraction s", "extraction peak RSS MB", "epoch train s", "epoch process s",
+                         "epoch peak RSS MB")]
+    for r in rows:
+        e, t = r["extract"], r["epoch"]
+        lines.append(f"| {r['size']} | {e['bank_seconds']:.1f} | {e['peak_rss_mb']:.0f} | {t['train_seconds']:.1f} "
+                     f"| {t['process_seconds']:.1f} | {t['peak_rss_mb']:.0f} |")
+    lines += ["", "Fitted exponent b of seconds = a * N^b: " + ", ".join(f"{k} {v:.2f}" for k, v in fits.items())]
+    write_report(lines, args.results / "scaling.md")
+
+
 def main() -> int:
     args = parse_args()
     if args.child:
@@ -109,27 +126,7 @@ def main() -> int:
     fits = {"bank_seconds": exponent(sizes, [r["extract"]["bank_seconds"] for r in rows]),
             "epoch_train_seconds": exponent(sizes, [r["epoch"]["train_seconds"] for r in rows]),
             "epoch_process_seconds": exponent(sizes, [r["epoch"]["process_seconds"] for r in rows])}
-    from rela.io import save_json, save_text
-    import torch
-
-    result = {"rows": rows, "fitted_exponent": fits, "meta": {
-        "command": "nice -n 19 .venv/bin/python " + " ".join(sys.argv), "niced": True,
-        "note": "ran at nice 19 next to other CPU jobs on a shared 2-core machine: timings are upper bounds "
-                "(the lead may rerun it on a quiet machine); peak RSS is per subprocess (os.wait4)",
-        "batch_size": args.batch_size, "torch": torch.__version__, "machine": platform.platform(),
-        "cpu_count": os.cpu_count()}}
-    save_json(result, f"{args.out}.json")
-    lines = ["# Scaling with dataset size (Fashion-MNIST, convnet, ReLA + BYOL, batch %d)" % args.batch_size, "",
-             f"Command: `{result['meta']['command']}`. {result['meta']['note']}.", "",
-             "| images | bank extraction s | extraction peak RSS MB | epoch train s | epoch process s "
-             "| epoch peak RSS MB |", "|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        e, t = r["extract"], r["epoch"]
-        lines.append(f"| {r['size']} | {e['bank_seconds']:.1f} | {e['peak_rss_mb']:.0f} | {t['train_seconds']:.1f} "
-                     f"| {t['process_seconds']:.1f} | {t['peak_rss_mb']:.0f} |")
-    lines += ["", "Fitted exponent b of seconds = a * N^b: " + ", ".join(f"{k} {v:.2f}" for k, v in fits.items())]
-    save_text("\n".join(lines) + "\n", f"{args.out}.md")
-    print("exponents: " + ", ".join(f"{k} {v:.2f}" for k, v in fits.items()))
+    report(rows, fits, args)
     return 0
 
 

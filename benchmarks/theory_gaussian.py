@@ -26,7 +26,7 @@ minibatch order and the underlying random draws (noise vectors, component draws,
 the settings differ only in the property under study.
 
 Writes ``theory_gaussian.json`` (config, per-setting numbers, loss curves subsampled), ``.md`` (tables
-and the summary sentence) and ``.png`` (two panels: validation loss vs. step, mean ± std) to ``--out``.
+and the summary sentence) and ``.png`` (two panels: validation loss vs. step, mean ± std) to ``--results``.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import mean_std
-from rela.io import atomic_write, save_json, save_text
+from common import RESULTS, RUNS, mean_std, write_report
+from rela.io import atomic_write, save_json
+from rela.plotting import pyplot
 
-RESULTS = Path(__file__).parent / "results"
 HIDDEN = 32
 
 
@@ -197,11 +197,7 @@ def verdict(res: dict, args) -> str:
 
 
 def plot(res: dict, args, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     steps = torch.arange(0, args.steps + 1, args.eval_every)
     for ax, kind, title in ((axes[0], "sigma", "(a) modified variance of the training samples"),
@@ -249,7 +245,7 @@ def table(res: dict, kind: str) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--separation", type=float, default=1.5, help="|mu|; sigma0 = 1")
@@ -266,18 +262,43 @@ def main(argv: list[str] | None = None) -> None:
                    help="thresholds = Bayes validation loss + each margin")
     p.add_argument("--curve-points", type=int, default=50, help="points per curve kept in the JSON")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 400 steps, output to runs/")
-    p.add_argument("--out", default=None, help=f"output folder (default {RESULTS}, or runs/ with --quick)")
+    p.add_argument("--results", type=Path, default=None,
+                   help=f"output folder (default {RESULTS}, or {RUNS / 'theory_gaussian_quick'} with --quick)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = args.seeds[:2], 400
-    out = Path(args.out or ("runs/theory_gaussian_quick" if args.quick else RESULTS))
+    args.results = args.results or (RUNS / "theory_gaussian_quick" if args.quick else RESULTS)
     if any(s <= 0 for s in args.sigmas) or any(not 0 <= v <= 1 for v in args.intensities):
         p.error("--sigmas must be > 0 and --intensities in [0, 1]")
     if min(args.dim, args.steps, args.eval_every, args.batch_size, args.train_size, args.val_size) < 1:
         p.error("--dim, --steps, --eval-every, --batch-size, --train-size and --val-size must be >= 1")
     if 1.0 not in args.sigmas:
         p.error("--sigmas must include 1 (the original data, the reference for the speed-up)")
+    return args
 
+
+def save_results(res: dict, summary: dict, args, seconds: float, cpu: float) -> None:
+    config = {k: v for k, v in vars(args).items() if k not in ("results", "quick")}
+    save_json({"meta": {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "torch": torch.__version__,
+                        "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "threads": 1,
+                        "model": f"MLP {args.dim}-{HIDDEN}-1 ReLU, SGD", **config},
+               "bayes_val_loss": res["bayes_val_loss"], "bayes_val_error": res["bayes_val_error"],
+               "thresholds": res["thresholds"], "summary": summary,
+               "settings": {k: {kk: vv for kk, vv in d.items() if kk != "_curves"}
+                            for k, d in res["settings"].items()}},
+              args.results / "theory_gaussian.json")
+    md = [f"Bimodal Gaussian mixture, d={args.dim}, |mu|={args.separation:g}, sigma0=1; MLP {args.dim}-{HIDDEN}-1, "
+          f"SGD lr {args.lr}, batch {args.batch_size}, {args.train_size} training samples, {args.steps} steps; "
+          f"validation: {args.val_size} original samples, true labels (Bayes BCE {res['bayes_val_loss']:.3f}, "
+          f"Bayes error {res['bayes_val_error']:.3f}); thresholds "
+          + ", ".join(f"{n} = {t:.3f}" for n, t in res["thresholds"].items())
+          + f"; mean ± std over seeds {args.seeds}; {cpu:.0f} s CPU ({seconds:.0f} s wall).", "",
+          "(a) modified variance", "", *table(res, "sigma"), "", "(b) re-labelling", "", *table(res, "p"), "", summary]
+    write_report(md, args.results / "theory_gaussian.md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     # Tiny matrices: one thread is faster than two, and leaves the other core to the rest of the machine.
     torch.set_num_threads(1)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -285,25 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     # CPU seconds are what the run costs; wall seconds depend on what else the machine is doing.
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     summary = verdict(res, args)
-    plot(res, args, out / "theory_gaussian.png")
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "quick")}
-    save_json({"meta": {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "torch": torch.__version__,
-                        "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "threads": 1, "model": f"MLP {args.dim}-{HIDDEN}-1 ReLU, SGD",
-                        **config},
-               "bayes_val_loss": res["bayes_val_loss"], "bayes_val_error": res["bayes_val_error"],
-               "thresholds": res["thresholds"], "summary": summary,
-               "settings": {k: {kk: vv for kk, vv in d.items() if kk != "_curves"}
-                            for k, d in res["settings"].items()}},
-              out / "theory_gaussian.json")
-    md = [f"Bimodal Gaussian mixture, d={args.dim}, |mu|={args.separation:g}, sigma0=1; MLP {args.dim}-{HIDDEN}-1, "
-          f"SGD lr {args.lr}, batch {args.batch_size}, {args.train_size} training samples, {args.steps} steps; "
-          f"validation: {args.val_size} original samples, true labels (Bayes BCE {res['bayes_val_loss']:.3f}, "
-          f"Bayes error {res['bayes_val_error']:.3f}); thresholds "
-          + ", ".join(f"{n} = {t:.3f}" for n, t in res["thresholds"].items())
-          + f"; mean ± std over seeds {args.seeds}; {cpu:.0f} s CPU ({seconds:.0f} s wall).", "", "(a) modified variance", "", *table(res, "sigma"), "",
-          "(b) re-labelling", "", *table(res, "p"), "", summary]
-    save_text("\n".join(md) + "\n", out / "theory_gaussian.md")
-    print("\n".join(md))
+    plot(res, args, args.results / "theory_gaussian.png")
+    save_results(res, summary, args, seconds, cpu)
 
 
 if __name__ == "__main__":
