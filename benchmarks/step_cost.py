@@ -1,6 +1,6 @@
 """Cost of one optimizer step: bare compute vs. BYOL vs. ReLA, and bank extraction vs. bare inference.
 
-Run from the repository root::
+Run (from any folder)::
 
     .venv/bin/python benchmarks/step_cost.py                      # convnet, batch 256, 3 x 20 timed steps
     .venv/bin/python benchmarks/step_cost.py --malloc plain       # glibc defaults, as `rela train` runs
@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
+import dataclasses
 
 try:
     import resource
@@ -62,21 +62,17 @@ import logging
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import lightning as L
 from lightning.pytorch.callbacks import Callback
+
+from common import add_output_args, median, spread
 
 from rela.accelerator import ReLAAccelerator, build_switch
 from rela.backbones import build_backbone
@@ -84,11 +80,10 @@ from rela.bank import extract
 from rela.targets import transport
 from rela.config import TrainConfig
 from rela.data import RELA_VIEW, Normalize, load_dataset
+from rela.io import save_json
 from rela.methods import METHODS, build_method
 from rela.priors import build_prior
 from rela.train import ReLAModule
-
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "step_cost.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,22 +120,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--max-foreign CPU cores during it; the least disturbed attempt is kept")
     p.add_argument("--max-foreign", type=float, default=0.25, help="CPU cores used by other processes")
     p.add_argument("--retry-wait", type=float, default=30.0)
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output file ('' to skip writing)")
+    add_output_args(p)
+    p.add_argument("--no-save", action="store_true", help="print only; write no step_cost.json")
     return p.parse_args(argv)
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def summary(xs: list[float]) -> dict:
-    if not xs:
-        return {"median": float("nan"), "n": 0}
-    return {"median": median(xs), "min": float(min(xs)), "max": float(max(xs)),
-            "mean": float(statistics.fmean(xs)), "n": len(xs)}
-
 
 def timed_loop(fn, warmup: int, steps: int) -> list[float]:
     """Call ``fn(i)`` warmup + steps times; return the wall times of the last ``steps`` calls."""
@@ -312,24 +297,31 @@ def measure_momentum_forward(args, dataset, views) -> list[float]:
     return timed_loop(step, args.warmup, args.steps)
 
 
-def measure_byol_compute(args, dataset, views, labels) -> list[float]:
-    """BYOL module on prepared views + monitor + backward + AdamW + update_momentum (no data pipeline)."""
-    method, feature_dim = build_byol(args, dataset)
-    monitor = torch.nn.Linear(feature_dim, dataset.num_classes)
-    params = [p for p in list(method.parameters()) + list(monitor.parameters()) if p.requires_grad]
+def timed_training(args, method, extra_modules, loss_of) -> list[float]:
+    """Per call: update_momentum, ``loss_of(i)``, backward, AdamW step (the compute of a training step)."""
+    params = [p for m in (method, *extra_modules) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     total = args.warmup + args.steps
 
     def step(i):
-        v1, v2 = views[i]
         opt.zero_grad(set_to_none=True)
         method.update_momentum(i, total)
-        out = method([v1, v2], labels[i])
-        loss = out.loss + F.cross_entropy(monitor(out.features.detach()), labels[i])
-        loss.backward()
+        loss_of(i).backward()
         opt.step()
 
     return timed_loop(step, args.warmup, args.steps)
+
+
+def measure_byol_compute(args, dataset, views, labels) -> list[float]:
+    """BYOL module on prepared views + monitor + backward + AdamW + update_momentum (no data pipeline)."""
+    method, feature_dim = build_byol(args, dataset)
+    monitor = torch.nn.Linear(feature_dim, dataset.num_classes)
+
+    def loss(i):
+        out = method(list(views[i]), labels[i])
+        return out.loss + F.cross_entropy(monitor(out.features.detach()), labels[i])
+
+    return timed_training(args, method, (monitor,), loss)
 
 
 def measure_rela_compute(args, dataset, rela_views, labels, index, targets) -> list[float]:
@@ -337,21 +329,13 @@ def measure_rela_compute(args, dataset, rela_views, labels, index, targets) -> l
     method, feature_dim = build_byol(args, dataset)
     rela = ReLAAccelerator(feature_dim, targets, build_switch("never", 1))
     monitor = torch.nn.Linear(feature_dim, dataset.num_classes)
-    params = [p for m in (method, rela, monitor) for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    total = args.warmup + args.steps
 
-    def step(i):
+    def loss(i):
         v1, v2 = rela_views[i]
-        opt.zero_grad(set_to_none=True)
-        method.update_momentum(i, total)
-        f1 = method.backbone(v1).flatten(1)
-        f2 = method.backbone(v2).flatten(1)
-        loss = rela.loss(f1, f2, index[i]) + F.cross_entropy(monitor(f1.detach()), labels[i])
-        loss.backward()
-        opt.step()
+        f1, f2 = method.backbone(v1).flatten(1), method.backbone(v2).flatten(1)
+        return rela.loss(f1, f2, index[i]) + F.cross_entropy(monitor(f1.detach()), labels[i])
 
-    return timed_loop(step, args.warmup, args.steps)
+    return timed_training(args, method, (rela, monitor), loss)
 
 
 def measure_augment(args, dataset, normalize, view_fns, index) -> list[float]:
@@ -397,51 +381,53 @@ def measure_bank(args, prior, bank_set) -> dict:
             "bank_runs_s": bank_times, "bare_runs_s": bare_times, "features": feats}
 
 
-# --- main ------------------------------------------------------------------------------
+# --- running the measurements -----------------------------------------------------------
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    mallopt_applied = tune_malloc() if args.malloc == "tuned" else False
-    wait_for_idle(args.wait_idle, args.max_load)
-    load_start = os.getloadavg()
-    torch.manual_seed(args.seed)
-    wall0 = time.perf_counter()
+@dataclasses.dataclass
+class Inputs:
+    """The data every measurement shares, prepared outside every timed region."""
+    dataset: object
+    bank_set: object
+    normalize: Normalize
+    index: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    views: list[tuple]
+    rela_views: list[tuple]
 
+
+def prepare_inputs(args) -> Inputs:
     train_full = load_dataset(args.dataset, "train")
-    n_train = min(args.train_images, len(train_full))
-    dataset = train_full.subset(n_train)
-    bank_set = train_full.subset(min(args.bank_images, len(train_full)))
+    dataset = train_full.subset(min(args.train_images, len(train_full)))
     normalize = Normalize(dataset.mean, dataset.std, dataset.channels)
-    count = args.warmup + args.steps
-    index = batch_indices(n_train, args.batch_size, count, args.seed)
-    labels = [dataset.labels[i] for i in index]
-    byol_views_fns = METHODS["byol"].views  # the method's own views, as training_step uses them
-
+    index = batch_indices(len(dataset), args.batch_size, args.warmup + args.steps, args.seed)
     torch.manual_seed(args.seed)
-    with torch.no_grad():  # prepared outside every timed region
-        views = [tuple(normalize(v(dataset.images[i])) for v in byol_views_fns) for i in index]
+    with torch.no_grad():  # the method's own views, as training_step uses them
+        views = [tuple(normalize(v(dataset.images[i])) for v in METHODS["byol"].views) for i in index]
         rela_views = [tuple(normalize(RELA_VIEW(dataset.images[i])) for _ in range(2)) for i in index]
+    return Inputs(dataset, train_full.subset(min(args.bank_images, len(train_full))), normalize, index,
+                  [dataset.labels[i] for i in index], views, rela_views)
 
-    probe, _ = build_backbone(args.backbone, dataset.channels, dataset.image_size)
+
+def layouts_of(args, inputs: Inputs) -> dict:
+    probe, _ = build_backbone(args.backbone, inputs.dataset.channels, inputs.dataset.image_size)
     weights4d = [p for p in probe.parameters() if p.dim() == 4]
-    layouts = {"backbone_conv_weights": sorted({memory_format(p) for p in weights4d}) or ["n/a"],
-               "views": memory_format(views[0][0])}
-    times: dict[str, list[float]] = {}  # pooled over rounds
-    round_medians: dict[str, list[float]] = {}
-    foreign: dict[str, dict] = {}
-    skip = set(args.skip)
+    return {"backbone_conv_weights": sorted({memory_format(p) for p in weights4d}) or ["n/a"],
+            "views": memory_format(inputs.views[0][0])}
 
-    def measure(key, label, fn):
+
+class Recorder:
+    """Step times pooled over rounds, per-round medians and what other processes did meanwhile."""
+
+    def __init__(self, args):
+        self.args = args
+        self.times: dict[str, list[float]] = {}
+        self.round_medians: dict[str, list[float]] = {}
+        self.foreign: dict[str, dict] = {}
+
+    def measure(self, key, label, fn):
         """Run ``fn``; re-run it when other processes disturbed it; keep the least disturbed attempt."""
         best = None
-        for attempt in range(args.retries + 1):
+        for attempt in range(self.args.retries + 1):
             print(f"  {label} ...", end="", flush=True)
             with ForeignCPU() as mon:
                 value = fn()
@@ -449,102 +435,115 @@ def main(argv=None) -> dict:
             cores = float("inf") if mon.cores is None else mon.cores
             if best is None or cores < best[1]:
                 best = (value, cores, mon.minor_faults, mon.self_sys_s)
-            if mon.cores is None or mon.cores <= args.max_foreign or attempt == args.retries:
+            if mon.cores is None or mon.cores <= self.args.max_foreign or attempt == self.args.retries:
                 break
-            time.sleep(args.retry_wait)
-        rec = foreign.setdefault(key, {"foreign_cpu_cores": [], "attempts": 0, "minor_page_faults": [],
-                                       "own_system_cpu_s": []})
+            time.sleep(self.args.retry_wait)
+        rec = self.foreign.setdefault(key, {"foreign_cpu_cores": [], "attempts": 0, "minor_page_faults": [],
+                                            "own_system_cpu_s": []})
         rec["foreign_cpu_cores"].append(None if best[1] == float("inf") else round(best[1], 3))
         rec["minor_page_faults"].append(best[2])
         rec["own_system_cpu_s"].append(round(best[3], 3))
         rec["attempts"] += attempt + 1
         return best[0]
 
-    def record(key, values):
-        times.setdefault(key, []).extend(values)
-        round_medians.setdefault(key, []).append(median(values))
+    def record(self, key, values):
+        self.times.setdefault(key, []).extend(values)
+        self.round_medians.setdefault(key, []).append(median(values))
 
-    def run(key, label, fn):
-        record(key, measure(key, label, fn))
+    def run(self, key, label, fn):
+        self.record(key, self.measure(key, label, fn))
 
-    def run_fit(key, label, fn):
-        batch, period = measure(key, label, fn)
-        record(key, batch)
-        record(f"{key}_period", period)
+    def run_fit(self, key, label, fn):
+        batch, period = self.measure(key, label, fn)
+        self.record(key, batch)
+        self.record(f"{key}_period", period)
 
-    print(f"backbone {args.backbone}, batch {args.batch_size}, {args.rounds} round(s) of {args.warmup} warm-up + "
-          f"{args.steps} timed steps, {torch.get_num_threads()} threads, load {load_start[0]:.2f}", flush=True)
 
-    # (e) first: its bank provides (c)'s targets.
+def bank_and_targets(args, inputs: Inputs, rec: Recorder) -> tuple[dict | None, torch.Tensor | None]:
+    """(e) first: its bank provides (c)'s targets."""
+    dataset, skip = inputs.dataset, set(args.skip)
     prior = build_prior(args.prior, learner_arch=args.backbone, channels=dataset.channels,
                         image_size=dataset.image_size, mean=dataset.mean, std=dataset.std, seed=args.seed + 1)
-    bank, targets = None, None
+    bank, raw = None, None
     if "e" not in skip:
-        bank = measure("bank", "(e) bank extraction vs. bare prior inference",
-                       lambda: measure_bank(args, prior, bank_set))
+        bank = rec.measure("bank", "(e) bank extraction vs. bare prior inference",
+                           lambda: measure_bank(args, prior, inputs.bank_set))
         raw = bank.pop("features")
-    if "c" not in skip or "diag" not in skip:
-        if bank is None or len(raw) < n_train:  # (c) needs a bank over the training images
-            raw = extract(prior, dataset, batch_size=args.bank_batch_size, progress=False)
-        raw = raw[:n_train]
-        _, feature_dim = build_backbone(args.backbone, dataset.channels, dataset.image_size)
-        targets = transport(raw, min(feature_dim, raw.shape[1])).values
-    base_cfg = {"dataset": args.dataset, "backbone": args.backbone, "method": "byol", "batch_size": args.batch_size,
-                "lr": args.lr, "seed": args.seed, "epochs": 1000, "progress": False, "probe_every": 0}
+    if "c" in skip and "diag" in skip:
+        return bank, None
+    if raw is None or len(raw) < len(dataset):  # (c) needs a bank over the training images
+        raw = extract(prior, dataset, batch_size=args.bank_batch_size, progress=False)
+    raw = raw[:len(dataset)]
+    _, feature_dim = build_backbone(args.backbone, dataset.channels, dataset.image_size)
+    return bank, transport(raw, min(feature_dim, raw.shape[1])).values
 
-    def fit_b():
-        timer, _ = fit_steps(TrainConfig(**base_cfg), dataset, None, args.warmup, args.steps, args.seed)
-        return timer.batch, timer.period
 
-    def fit_c():
-        cfg = TrainConfig(**base_cfg, prior=args.prior, switch="never")
-        timer, module = fit_steps(cfg, dataset, targets, args.warmup, args.steps, args.seed)
-        if module.switch_step is not None:
-            raise RuntimeError("the switch fired during the ReLA-phase benchmark")
-        return timer.batch, timer.period
+def fit_config(args, **fields) -> TrainConfig:
+    return TrainConfig(dataset=args.dataset, backbone=args.backbone, method="byol", batch_size=args.batch_size,
+                       lr=args.lr, seed=args.seed, epochs=1000, progress=False, probe_every=0, **fields)
 
-    # Rounds interleave all step measurements, so a slow drift of the machine hits them alike.
+
+def fit_byol(args, inputs: Inputs):
+    timer, _ = fit_steps(fit_config(args), inputs.dataset, None, args.warmup, args.steps, args.seed)
+    return timer.batch, timer.period
+
+
+def fit_rela(args, inputs: Inputs, targets):
+    cfg = fit_config(args, prior=args.prior, switch="never")
+    timer, module = fit_steps(cfg, inputs.dataset, targets, args.warmup, args.steps, args.seed)
+    if module.switch_step is not None:
+        raise RuntimeError("the switch fired during the ReLA-phase benchmark")
+    return timer.batch, timer.period
+
+
+def run_rounds(args, inputs: Inputs, rec: Recorder, targets) -> None:
+    """Rounds interleave all step measurements, so a slow drift of the machine hits them alike."""
+    d, n = inputs.dataset, inputs.normalize
+    steps = [  # (skip flag, key, label, measurement, is a Lightning fit)
+        ("a", "bare", "(a) bare forward+backward", lambda: measure_bare(args, d, n, inputs.views), False),
+        ("d", "momentum_forward", "(d) momentum forward", lambda: measure_momentum_forward(args, d, inputs.views), False),
+        ("b", "byol", "(b) BYOL step (Lightning fit)", lambda: fit_byol(args, inputs), True),
+        ("c", "rela", "(c) ReLA-phase step (Lightning fit)", lambda: fit_rela(args, inputs, targets), True),
+        ("diag", "byol_compute", "diag: BYOL compute on prepared views",
+         lambda: measure_byol_compute(args, d, inputs.views, inputs.labels), False),
+        ("diag", "rela_compute", "diag: ReLA compute on prepared views",
+         lambda: measure_rela_compute(args, d, inputs.rela_views, inputs.labels, inputs.index, targets), False),
+        ("diag", "augment_byol", "diag: index + BYOL views + normalise",
+         lambda: measure_augment(args, d, n, METHODS["byol"].views, inputs.index), False),
+        ("diag", "augment_rela", "diag: index + 2 ReLA views + normalise",
+         lambda: measure_augment(args, d, n, (RELA_VIEW, RELA_VIEW), inputs.index), False),
+    ]
     for r in range(args.rounds):
         if args.rounds > 1:
             print(f" round {r + 1}/{args.rounds}", flush=True)
-        if "a" not in skip:
-            run("bare", "(a) bare forward+backward", lambda: measure_bare(args, dataset, normalize, views))
-        if "d" not in skip:
-            run("momentum_forward", "(d) momentum forward", lambda: measure_momentum_forward(args, dataset, views))
-        if "b" not in skip:
-            run_fit("byol", "(b) BYOL step (Lightning fit)", fit_b)
-        if "c" not in skip:
-            run_fit("rela", "(c) ReLA-phase step (Lightning fit)", fit_c)
-        if "diag" not in skip:
-            run("byol_compute", "diag: BYOL compute on prepared views",
-                lambda: measure_byol_compute(args, dataset, views, labels))
-            run("rela_compute", "diag: ReLA compute on prepared views",
-                lambda: measure_rela_compute(args, dataset, rela_views, labels, index, targets))
-            run("augment_byol", "diag: index + BYOL views + normalise",
-                lambda: measure_augment(args, dataset, normalize, byol_views_fns, index))
-            run("augment_rela", "diag: index + 2 ReLA views + normalise",
-                lambda: measure_augment(args, dataset, normalize, (RELA_VIEW, RELA_VIEW), index))
+        for flag, key, label, fn, is_fit in steps:
+            if flag not in args.skip:
+                (rec.run_fit if is_fit else rec.run)(key, label, fn)
 
-    def ratios_of(g) -> dict:
-        def ratio(num, den):
-            return num / den if num is not None and den else None
 
-        def overhead(num, den):
-            q = ratio(num, den)
-            return None if q is None else q - 1
+# --- results ---------------------------------------------------------------------------
 
-        both = g("bare") + g("momentum_forward") if g("bare") and g("momentum_forward") else None
-        return {
-            "c_over_b": ratio(g("rela"), g("byol")),
-            "c_over_b_period": ratio(g("rela_period"), g("byol_period")),
-            "pipeline_overhead": overhead(g("byol"), both),
-            "pipeline_overhead_vs_compute": overhead(g("byol"), g("byol_compute")),
-            "rela_overhead_vs_compute": overhead(g("rela"), g("rela_compute")),
-            "compute_c_over_b": ratio(g("rela_compute"), g("byol_compute")),
-        }
+def ratios_of(g) -> dict:
+    """The ratios of the docstring from ``g(key)`` -> median seconds (None where not measured)."""
+    def ratio(num, den):
+        return num / den if num is not None and den else None
 
-    med = {k: median(v) for k, v in times.items()}
-    ratios = ratios_of(med.get)
+    def overhead(num, den):
+        q = ratio(num, den)
+        return None if q is None else q - 1
+
+    both = g("bare") + g("momentum_forward") if g("bare") and g("momentum_forward") else None
+    return {
+        "c_over_b": ratio(g("rela"), g("byol")),
+        "c_over_b_period": ratio(g("rela_period"), g("byol_period")),
+        "pipeline_overhead": overhead(g("byol"), both),
+        "pipeline_overhead_vs_compute": overhead(g("byol"), g("byol_compute")),
+        "rela_overhead_vs_compute": overhead(g("rela"), g("rela_compute")),
+        "compute_c_over_b": ratio(g("rela_compute"), g("byol_compute")),
+    }
+
+
+def derived_of(med: dict) -> dict:
     derived = {}
     if all(k in med for k in ("byol_compute", "bare", "momentum_forward")):
         derived["byol_heads_monitor_ema_s"] = med["byol_compute"] - med["bare"] - med["momentum_forward"]
@@ -554,78 +553,121 @@ def main(argv=None) -> dict:
         derived["augment_share_of_byol_step"] = med["augment_byol"] / med["byol"]
     if "rela" in med and "augment_rela" in med:
         derived["augment_share_of_rela_step"] = med["augment_rela"] / med["rela"]
+    return derived
+
+
+def ratio_ranges(rec: Recorder, rounds: int) -> dict:
+    """Each ratio's [min, max] over the rounds' own medians."""
+    per_round = [ratios_of(lambda k, i=i: rec.round_medians[k][i] if k in rec.round_medians else None)
+                 for i in range(rounds)]
+    return {k: [min(vals), max(vals)] for k in per_round[0] if (vals := [pr[k] for pr in per_round if pr[k] is not None])}
+
+
+DEFINITIONS = {
+    "bare": "(a) backbone fwd on 2 prepared normalised views, loss = mean of features, backward, AdamW step",
+    "byol": "(b) Lightning fit batch: ReLAModule.training_step (index, 2 method.views, normalise, BYOL fwd "
+            "incl. momentum fwd, update_momentum, monitor) + backward + AdamW + LR scheduler; "
+            "on_train_batch_start -> on_train_batch_end",
+    "rela": "(c) same fit with prior -> bank -> targets and switch 'never' (ReLA phase only)",
+    "byol_period / rela_period": "start-to-start interval of consecutive batches in the fit (adds data "
+                                 "fetch, logging, module.on_train_batch_end incl. the switch update)",
+    "momentum_forward": "(d) 2 x (momentum backbone + momentum projection head), no grad, train mode",
+    "pipeline_overhead": "byol / (bare + momentum_forward) - 1; the denominator leaves out BYOL's "
+                         "projection/prediction heads (online fwd+bwd), the monitor, update_momentum and "
+                         "Lightning, so those count as overhead here",
+    "pipeline_overhead_vs_compute": "byol / byol_compute - 1: byol_compute = BYOL module fwd on prepared "
+                                    "views (heads + momentum fwd) + monitor + backward + AdamW + "
+                                    "update_momentum; what remains is augmentation, indexing, "
+                                    "normalisation and Lightning",
+    "rela_overhead_vs_compute": "rela / rela_compute - 1, the same split for the ReLA phase",
+    "augment_byol / augment_rela": "index uint8 batch + both views + normalise, no grad",
+    "byol_heads_monitor_ema_s": "byol_compute - bare - momentum_forward: BYOL projection/prediction "
+                                "heads (fwd+bwd), monitor, update_momentum, AdamW on the heads",
+    "byol_pipeline_and_lightning_s": "byol - byol_compute: indexing, augmentation, normalisation, "
+                                     "Lightning's loop and logging",
+    "bank_vs_bare_inference": "bank extraction images/s / bare prior-model images/s on pre-normalised "
+                              "tensors (same batch size); bank.preprocess_share_of_bank times the "
+                              "preprocessing alone, which is the whole difference between the two",
+}
+NOTES = {
+    "malloc_note": "tuned: mallopt(M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB, M_MMAP_MAX=0) before "
+                   "measuring, so freed activations stay mapped (no per-step page faults); plain: glibc "
+                   "defaults",
+    "foreign_cpu_note": "foreign_cpu: CPU cores used by other processes during each measurement and "
+                        "round (/proc/stat minus this process); > ~0.1 means the timing is disturbed; "
+                        "minor_page_faults / own_system_cpu_s: this process's, over the whole measurement "
+                        "(warm-up steps and setup included)",
+}
+
+
+def environment_of(load_start, wall0: float) -> dict:
+    return {
+        "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
+        **NOTES, "wall_seconds": time.perf_counter() - wall0,
+    }
+
+
+def build_result(args, inputs: Inputs, rec: Recorder, bank, run_info: dict) -> dict:
+    med = {k: median(v) for k, v in rec.times.items()}
+    ratios = ratios_of(med.get)
     ratios["bank_vs_bare_inference"] = (bank["bank_images_per_s"] / bank["bare_images_per_s"]) if bank else None
-    per_round = [ratios_of(lambda k, i=i: round_medians[k][i] if k in round_medians else None)
-                 for i in range(args.rounds)]
-    ratio_spread = {k: [min(vals), max(vals)] for k in per_round[0]
-                    if (vals := [pr[k] for pr in per_round if pr[k] is not None])}
-    result = {
+    return {
         "benchmark": "step_cost",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "config": {"backbone": args.backbone, "dataset": args.dataset, "batch_size": args.batch_size,
-                   "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "train_images": n_train,
-                   "prior": args.prior, "lr": args.lr, "seed": args.seed, "bank_images": len(bank_set),
-                   "malloc": args.malloc,
-                   "mallopt_applied": mallopt_applied, "layouts": layouts},
+                   "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                   "train_images": len(inputs.dataset), "prior": args.prior, "lr": args.lr, "seed": args.seed,
+                   "bank_images": len(inputs.bank_set), "malloc": args.malloc,
+                   "mallopt_applied": run_info["mallopt_applied"], "layouts": layouts_of(args, inputs)},
         "medians_s": med,
-        "per_step_s": {k: summary(v) for k, v in times.items()},
+        "per_step_s": {k: spread(v) for k, v in rec.times.items()},
         "ratios": ratios,
-        "ratio_range_over_rounds": ratio_spread,
-        "derived": derived,
-        "round_medians_s": round_medians,
+        "ratio_range_over_rounds": ratio_ranges(rec, args.rounds),
+        "derived": derived_of(med),
+        "round_medians_s": rec.round_medians,
         "bank": bank,
-        "foreign_cpu": foreign,
+        "foreign_cpu": rec.foreign,
         "expected": {"c_over_b": "<= 0.8", "pipeline_overhead": "< 0.15"},
-        "definitions": {
-            "bare": "(a) backbone fwd on 2 prepared normalised views, loss = mean of features, backward, AdamW step",
-            "byol": "(b) Lightning fit batch: ReLAModule.training_step (index, 2 method.views, normalise, BYOL fwd "
-                    "incl. momentum fwd, update_momentum, monitor) + backward + AdamW + LR scheduler; "
-                    "on_train_batch_start -> on_train_batch_end",
-            "rela": "(c) same fit with prior -> bank -> targets and switch 'never' (ReLA phase only)",
-            "byol_period / rela_period": "start-to-start interval of consecutive batches in the fit (adds data "
-                                         "fetch, logging, module.on_train_batch_end incl. the switch update)",
-            "momentum_forward": "(d) 2 x (momentum backbone + momentum projection head), no grad, train mode",
-            "pipeline_overhead": "byol / (bare + momentum_forward) - 1; the denominator leaves out BYOL's "
-                                 "projection/prediction heads (online fwd+bwd), the monitor, update_momentum and "
-                                 "Lightning, so those count as overhead here",
-            "pipeline_overhead_vs_compute": "byol / byol_compute - 1: byol_compute = BYOL module fwd on prepared "
-                                            "views (heads + momentum fwd) + monitor + backward + AdamW + "
-                                            "update_momentum; what remains is augmentation, indexing, "
-                                            "normalisation and Lightning",
-            "rela_overhead_vs_compute": "rela / rela_compute - 1, the same split for the ReLA phase",
-            "augment_byol / augment_rela": "index uint8 batch + both views + normalise, no grad",
-            "byol_heads_monitor_ema_s": "byol_compute - bare - momentum_forward: BYOL projection/prediction "
-                                        "heads (fwd+bwd), monitor, update_momentum, AdamW on the heads",
-            "byol_pipeline_and_lightning_s": "byol - byol_compute: indexing, augmentation, normalisation, "
-                                             "Lightning's loop and logging",
-            "bank_vs_bare_inference": "bank extraction images/s / bare prior-model images/s on pre-normalised "
-                                      "tensors (same batch size); bank.preprocess_share_of_bank times the "
-                                      "preprocessing alone, which is the whole difference between the two",
-        },
-        "environment": {
-            "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "load_average_start": list(load_start),
-            "load_average_end": list(os.getloadavg()),
-            "malloc_note": "tuned: mallopt(M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB, M_MMAP_MAX=0) before "
-                           "measuring, so freed activations stay mapped (no per-step page faults); plain: glibc "
-                           "defaults",
-            "foreign_cpu_note": "foreign_cpu: CPU cores used by other processes during each measurement and "
-                                "round (/proc/stat minus this process); > ~0.1 means the timing is disturbed; "
-                                "minor_page_faults / own_system_cpu_s: this process's, over the whole measurement "
-                                "(warm-up steps and setup included)",
-            "wall_seconds": time.perf_counter() - wall0,
-        },
+        "definitions": DEFINITIONS,
+        "environment": environment_of(run_info["load_start"], run_info["wall0"]),
     }
+
+
+def set_up_process(args) -> bool:
+    """Quiet Lightning, threads, allocator, an idle machine; returns whether mallopt was applied."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mallopt_applied = tune_malloc() if args.malloc == "tuned" else False
+    wait_for_idle(args.wait_idle, args.max_load)
+    return mallopt_applied
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    run_info = {"mallopt_applied": set_up_process(args), "load_start": os.getloadavg(), "wall0": time.perf_counter()}
+    torch.manual_seed(args.seed)
+    inputs = prepare_inputs(args)
+    rec = Recorder(args)
+    print(f"backbone {args.backbone}, batch {args.batch_size}, {args.rounds} round(s) of {args.warmup} warm-up + "
+          f"{args.steps} timed steps, {torch.get_num_threads()} threads, load {run_info['load_start'][0]:.2f}",
+          flush=True)
+    bank, targets = bank_and_targets(args, inputs, rec)
+    run_rounds(args, inputs, rec, targets)
+    result = build_result(args, inputs, rec, bank, run_info)
     print_table(result)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+    if not args.no_save:
+        save_json(result, args.results / "step_cost.json")
+        print(f"wrote {args.results / 'step_cost.json'}")
     return result
 
 
