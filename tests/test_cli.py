@@ -213,3 +213,14 @@ def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
+
+
+def test_version_and_no_bench_subcommand(capsys):
+    import rela
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"rela {rela.__version__}"
+    with pytest.raises(SystemExit) as e:  # benchmarks are scripts of the checkout, not commands of the package
+        main(["bench", "table1"])
+    assert e.value.code == 2
