@@ -54,7 +54,8 @@ def config(size: int, batch_size: int, workdir: Path) -> TrainConfig:
 
 def child(phase: str, size: int, workdir: Path, batch_size: int) -> dict:
     """One measurement; prints its result as the last line of stdout."""
-    from rela.train import prepare, train
+    from rela.build import prepare
+    from rela.train import train
 
     cfg = config(size, batch_size, workdir)
     start = time.perf_counter()
