@@ -685,7 +685,7 @@ def print_table(r: dict) -> None:
     print(f"\n{'measurement':40s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'other cores':>12s} "
           f"{'faults/step':>12s}")
     for key, label in names:
-        if key in med:
+        if key in med and ps[key]["n"]:  # --steps 1 leaves no step-to-step period
             s = ps[key]
             other = [c for c in fc.get(key, {}).get("foreign_cpu_cores", []) if c is not None]
             other = f"{max(other):.2f}" if other else ""  # the worst round
