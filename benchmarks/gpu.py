@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from common import add_output_args
 from rela.build import load_data
 from rela.config import TrainConfig
 from rela.data import ImageDataset, Normalize, load_dataset
@@ -121,7 +122,7 @@ def run_all(args) -> dict:
                           test_limit=args.test_limit, backbone=args.backbone, method="byol", prior=prior,
                           switch="adaptive", ratio=ratio, epochs=args.epochs, batch_size=args.batch_size,
                           accelerator="cpu" if args.smoke else "auto", probe_every=0, progress=False,
-                          cache_dir=str(Path(args.out) / "gpu_cache"), out=str(Path(args.out) / "gpu_runs" / name))
+                          cache_dir=str(args.runs_dir / "cache"), out=str(args.runs_dir / name))
         probe = GpuProbe(args.compile, args.warmup_steps, args.profile_steps)
         m = train(cfg, callbacks=[probe])
         rows[name] = {"prior": prior, "ratio": ratio, "steps": m["steps"], "images_seen": m["images_seen"],
@@ -155,7 +156,7 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default=None, help="folder with the 4 Fashion-MNIST .gz files")
-    p.add_argument("--out", default="benchmarks/results")
+    add_output_args(p, runs="bench-gpu")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=512)
@@ -172,7 +173,7 @@ def main(argv=None) -> None:
         args.train_limit, args.test_limit = args.train_limit or 320, args.test_limit or 160
     report = run_all(args)
     tag = "smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
-    out = Path(args.out)
+    out = args.results
     save_json(report, out / f"gpu_{tag}.json")
     save_text(markdown(report), out / f"gpu_{tag}.md")
     print(markdown(report))
