@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, run_processes
 
 from rela.bank import BankWriter, load_or_extract
 from rela.data import load_dataset
@@ -58,12 +55,6 @@ ARGS = ["train", "--dataset", f"synthetic:{N}", "--backbone", "convnet", "--meth
         "--accelerator", "cpu"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(base: Path, layout: str) -> list[dict]:
     driver, logs = base / "driver.py", base / "logs"
     driver.write_text(DRIVER)
@@ -74,21 +65,11 @@ def _run(base: Path, layout: str) -> list[dict]:
         envs = [env]
         args += ["--devices", "2"]
     else:  # one process per "node", started from outside as a multi-node launcher would
-        port = str(_free_port())
+        port = str(free_port())
         envs = [{**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "NODE_RANK": str(node),
                  "LOCAL_RANK": "0"} for node in (0, 1)]
         args += ["--devices", "1", "--num-nodes", "2"]
-    # own sessions: on a timeout the whole group goes, ranks started by Lightning included
-    procs = [subprocess.Popen([sys.executable, str(driver), *args], env=e, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=base, start_new_session=True) for e in envs]
-    try:
-        errs = [p.communicate(timeout=600)[1] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
-        raise
-    for p, err in zip(procs, errs):
-        assert p.returncode == 0, err[-3000:]
+    run_processes([[str(driver), *args]] * len(envs), envs, base)
     return sorted((json.loads(f.read_text()) for f in logs.iterdir()), key=lambda r: r["rank"])
 
 
@@ -104,8 +85,12 @@ def test_each_rank_extracts_its_share_and_the_bank_equals_one_process(tmp_path, 
     data = load_dataset(f"synthetic:{N}")
     prior = build_prior("random", learner_arch="convnet", channels=data.channels, image_size=data.image_size,
                         mean=data.mean, std=data.std, seed=1)
-    torch.set_num_threads(1)
-    _, single = load_or_extract(prior, data, cache_dir=tmp_path / "single", progress=False, chunk_rows=CHUNK_ROWS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1); restored, or later tests' runs change
+    try:
+        _, single = load_or_extract(prior, data, cache_dir=tmp_path / "single", progress=False, chunk_rows=CHUNK_ROWS)
+    finally:
+        torch.set_num_threads(threads)
     assert single["bank_key"] == metrics["bank_key"]
     assert bank_file.read_bytes() == Path(single["bank_file"]).read_bytes()
     assert sorted(p.name for p in bank_file.parent.iterdir()) == sorted(
