@@ -391,12 +391,3 @@ def _raise_failure(verdict):
     if isinstance(verdict, RelaError):
         raise RelaError(str(verdict))
     return verdict
-
-
-def __getattr__(name: str):
-    """``transport`` and ``Targets`` moved to :mod:`rela.targets`; still importable from here."""
-    if name in ("transport", "Targets"):
-        import rela.targets
-
-        return getattr(rela.targets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

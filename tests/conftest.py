@@ -9,8 +9,13 @@ from __future__ import annotations
 import gzip
 import importlib
 import json
+import os
 import shutil
+import signal
+import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -197,3 +202,28 @@ def weighted_knn_top1(train_features, train_labels, test_features, test_labels, 
     for row, neighbours in enumerate(nearest):
         np.add.at(votes[row], train_labels.numpy()[neighbours], np.exp(sim[row, neighbours] / temperature))
     return float((votes.argmax(1) == test_labels.numpy()).mean())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(args: list[list[str]], envs: list[dict], cwd: Path, timeout: float = 600) -> None:
+    """Run ``python ARGS`` once per entry (with its env), all at once; each must exit 0.
+
+    Each process gets its own session, so on a timeout its whole group goes, ranks that
+    Lightning started from it included.
+    """
+    procs = [subprocess.Popen([sys.executable, *a], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=cwd, start_new_session=True) for a, e in zip(args, envs)]
+    try:
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+        raise
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-3000:]

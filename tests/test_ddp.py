@@ -11,15 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from test_accelerator import reference_switch_step
+from conftest import run_processes
 
 from rela.bank import open_bank
 from rela.targets import transport
@@ -83,17 +81,7 @@ def ddp_run(tmp_path_factory):
             "--prior", "random", "--switch", SWITCH, "--ratio", str(RATIO), "--batch-size", str(BATCH),
             "--epochs", str(EPOCHS), "--seed", str(SEED), "--probe-every", "0", "--no-progress",
             "--devices", "2", "--accelerator", "cpu", "--out", str(out), "--cache-dir", str(base / "cache")]
-    env = {**os.environ, "RELA_TEST_LOG": str(logs), "OMP_NUM_THREADS": "1"}
-    # its own session: on a timeout the whole group goes, rank 1 (started by Lightning) included
-    proc = subprocess.Popen([sys.executable, str(driver), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=base, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run_processes([[str(driver), *args]], [{**os.environ, "RELA_TEST_LOG": str(logs), "OMP_NUM_THREADS": "1"}], base)
     ranks = [json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1)]
     return out, ranks
 
@@ -183,17 +171,8 @@ def run_two_ranks(driver: str, args: list[str], base: Path) -> list[dict]:
     logs = base / "logs"
     logs.mkdir()
     (base / "driver.py").write_text(driver)
-    env = {**os.environ, "RELA_TEST_LOG": str(logs), "OMP_NUM_THREADS": "1"}
-    # its own session: on a timeout the whole group goes, rank 1 included
-    proc = subprocess.Popen([sys.executable, str(base / "driver.py"), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=base, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run_processes([[str(base / "driver.py"), *args]],
+                  [{**os.environ, "RELA_TEST_LOG": str(logs), "OMP_NUM_THREADS": "1"}], base)
     return [json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, run_processes
 
 DRIVER = """
 import hashlib, json, os, sys
@@ -96,27 +93,12 @@ def _config(base: Path, case: str, mode: str, batch: int) -> dict:
             "out": str(base / f"{case}-{mode}"), "cache_dir": str(base / "cache")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _drive(base: Path, name: str, configs: list[dict], envs: list[dict]) -> list[dict]:
     (base / "driver.py").write_text(DRIVER)
     (base / f"{name}.json").write_text(json.dumps(configs))
-    procs = [subprocess.Popen([sys.executable, str(base / "driver.py"), str(base / f"{name}.json"),
-                               str(base / f"{name}-losses{i}.json")], env={**os.environ, "OMP_NUM_THREADS": "1", **e},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=base,
-                              start_new_session=True) for i, e in enumerate(envs)]
-    try:
-        errors = [p.communicate(timeout=900)[1] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
-        raise
-    for p, err in zip(procs, errors):
-        assert p.returncode == 0, err[-3000:]
+    run_processes([[str(base / "driver.py"), str(base / f"{name}.json"), str(base / f"{name}-losses{i}.json")]
+                   for i in range(len(envs))],
+                  [{**os.environ, "OMP_NUM_THREADS": "1", **e} for e in envs], base, timeout=900)
     return [json.loads((base / f"{name}-losses{i}.json").read_text()) for i in range(len(envs))]
 
 
@@ -125,7 +107,7 @@ def runs(tmp_path_factory):
     """Losses and checkpoints of every case: one process (2B), two (B each) synced, two local."""
     base = tmp_path_factory.mktemp("equivalence")
     ddp = [_config(base, case, mode, B) for mode in ("synced", "local") for case in CASES]
-    port = str(_free_port())
+    port = str(free_port())
     ranks = _drive(base, "ddp", ddp, [{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
                                       "NODE_RANK": "0", "LOCAL_RANK": str(r)} for r in (0, 1)])
     (single,) = _drive(base, "single", [_config(base, case, "single", 2 * B) for case in CASES], [{}])
