@@ -3,7 +3,7 @@
 Run (from any folder)::
 
     .venv/bin/python benchmarks/step_cost.py                      # convnet, batch 256, 3 x 20 timed steps
-    .venv/bin/python benchmarks/step_cost.py --malloc plain       # glibc defaults, as `rela train` runs
+    .venv/bin/python benchmarks/step_cost.py --malloc plain       # glibc's defaults (rela train tunes them)
     .venv/bin/python benchmarks/step_cost.py --backbone resnet-narrow --steps 10
 
 What is measured (median seconds per optimizer step, after ``--warmup`` untimed steps; the step
@@ -18,8 +18,8 @@ the kernel after every step and page-faults them in again on the next one (~10-5
 per step here). That costs a varying 10-40 % of a step and depends on the heap's history, so two
 measurements of the same code differ by more than the effects measured here. By default
 (``--malloc tuned``) the script therefore calls ``mallopt`` (no mmap for big blocks, no trimming)
-before measuring; ``--malloc plain`` measures glibc's defaults, i.e. a ``rela train`` process as
-it runs today. Page faults per step are recorded with every measurement.
+before measuring, as ``rela train`` does (:func:`rela.hardware.keep_freed_memory`); ``--malloc plain``
+measures glibc's defaults. Page faults per step are recorded with every measurement.
 
 (a) ``bare``: the backbone on two already-normalised views (made outside the timed
     region), loss = mean of the features, backward, AdamW step.
@@ -51,7 +51,6 @@ this overestimates the pipeline's share by the heads' cost; ``pipeline_overhead_
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 
 try:
@@ -80,6 +79,7 @@ from rela.bank import extract
 from rela.targets import transport
 from rela.config import TrainConfig
 from rela.data import RELA_VIEW, Normalize, load_dataset
+from rela.hardware import keep_freed_memory
 from rela.io import save_json
 from rela.methods import METHODS, build_method
 from rela.priors import build_prior
@@ -179,22 +179,6 @@ class ForeignCPU:
         except (OSError, ValueError):
             busy = None
         return time.perf_counter(), busy, t.user + t.system, t.system
-
-
-def tune_malloc() -> bool:
-    """glibc: keep freed activation memory in the process (no mmap/munmap, no trim: no page faults next step).
-
-    By default glibc serves big blocks with mmap and trims the heap, so every step's activations
-    are page-faulted in again (tens of thousands of faults per step here).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        m_mmap_max = -4
-        return (bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-                and bool(libc.mallopt(m_mmap_max, 0)))
-    except (OSError, AttributeError):
-        return False
 
 
 def batch_indices(n: int, batch_size: int, count: int, seed: int) -> list[torch.Tensor]:
@@ -647,7 +631,7 @@ def set_up_process(args) -> bool:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     if args.threads:
         torch.set_num_threads(args.threads)
-    mallopt_applied = tune_malloc() if args.malloc == "tuned" else False
+    mallopt_applied = keep_freed_memory() if args.malloc == "tuned" else False
     wait_for_idle(args.wait_idle, args.max_load)
     return mallopt_applied
 

@@ -34,6 +34,7 @@ from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
 from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.evaluate import backbone_features, knn_accuracy
+from rela.hardware import keep_freed_memory
 from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
 from rela.methods import Method
 from rela.priors import BACKBONE_FILE_FORMAT
@@ -302,6 +303,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     ``callbacks``: extra Lightning callbacks (benchmarks measure and convert the model through them).
     """
     cfg.validate()
+    keep_freed_memory()  # CPU steps no longer page-fault their activations in again (see its docstring)
     out = _check_out_dir(cfg)
     check_writable(out)
     wall_start = time.perf_counter()
