@@ -218,7 +218,7 @@ def fit_steps(cfg: TrainConfig, dataset, targets: torch.Tensor | None, warmup: i
     method = build_method(cfg.method, backbone, feature_dim, dataset.num_classes, **cfg.extra)
     rela = None
     if targets is not None:  # as rela.train.train builds it
-        rela = ReLAAccelerator(feature_dim, targets, build_switch(cfg.switch, cfg.epochs))
+        rela = ReLAAccelerator(feature_dim, targets, build_switch(cfg.switch))
     module = ReLAModule(cfg, method, rela, dataset)
     timer = StepTimer()
     trainer = L.Trainer(
@@ -311,7 +311,7 @@ def measure_byol_compute(args, dataset, views, labels) -> list[float]:
 def measure_rela_compute(args, dataset, rela_views, labels, index, targets) -> list[float]:
     """ReLA-phase step on prepared views: 2 backbone fwd+bwd, transfer head, monitor, AdamW, update_momentum."""
     method, feature_dim = build_byol(args, dataset)
-    rela = ReLAAccelerator(feature_dim, targets, build_switch("never", 1))
+    rela = ReLAAccelerator(feature_dim, targets, build_switch("never"))
     monitor = torch.nn.Linear(feature_dim, dataset.num_classes)
 
     def loss(i):

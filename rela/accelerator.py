@@ -1,18 +1,29 @@
 """ReLA-F: the transfer head, the ReLA loss and the switch (spec steps 4-5).
 
-While the switch's weight ``lam`` is 1 the learner regresses onto the bank's
-targets; at 0 it trains with the base method alone. The adaptive switch flips
-once, when the ReLA loss plateaus; the constant switch flips after a fixed
-fraction of the epochs. A soft blend ``lam * L_rela + (1 - lam) * L_method``
-only needs another :class:`Switch` subclass whose ``weight`` returns values in
-between: the training step already handles it. The training step reads ``weight``
-before a step and hands the step's outcome to :meth:`Switch.step`, the one place a
-switch's state changes. Switch names are registered in :data:`rela.registry.SWITCHES`.
+The training loss is ``lam * L_rela + (1 - lam) * L_method``: while the switch's weight ``lam``
+is 1 the learner regresses onto the bank's targets; at 0 it trains with the base method alone;
+in between both run (each with its own augmentations). The training step reads
+:meth:`Switch.weight` before a step and hands the step's outcome to :meth:`Switch.step`, the one
+place a switch's state changes. Both see a :class:`Progress`, so a rule can be written in epochs,
+steps or fractions of the run.
+
+Switches (names registered in :data:`rela.registry.SWITCHES`):
+
+- ``adaptive``: the authors' rule, kept exactly: two EMAs of the ReLA loss with time constants of
+  ~1000 and ~100 *steps*. It cannot fire before ~2,400 steps, whatever the run's length.
+- ``plateau``: the same question ("has the ReLA loss stopped improving?") asked the way
+  ``ReduceLROnPlateau(threshold_mode="rel")`` asks it, with every time constant a fraction of the
+  run: a bias-corrected EMA of the loss over ``smooth`` of the run; hand over once it has not
+  improved on its best by more than ``threshold`` (relative) for ``patience`` of the run.
+- ``soft-plateau``: the plateau test, then a linear ramp of lam from 1 to 0 over ``ramp`` of the run.
+- ``soft``: a ramp fixed in training progress: lam = 1 until START of the run, 0 after START + LENGTH.
+- ``constant``: ReLA for the first FRACTION of the epochs; ``never``: distillation only.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +40,24 @@ def rela_loss(pred_1: torch.Tensor, pred_2: torch.Tensor, target: torch.Tensor) 
                   + (1 - F.cosine_similarity(pred_2, target, dim=1)).mean())
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands: optimizer step ``step`` (0-based) of ``total_steps``, in epoch ``epoch`` of ``epochs``."""
+    step: int
+    total_steps: int
+    epoch: int = 0
+    epochs: int = 1
+
+    @property
+    def fraction(self) -> float:
+        """The share of the run's steps taken before this step."""
+        return self.step / max(self.total_steps, 1)
+
+    def steps(self, fraction: float) -> float:
+        """``fraction`` of the run, in steps (at least one)."""
+        return max(fraction * self.total_steps, 1.0)
+
+
 class Switch(nn.Module):
     """When to hand over from ReLA to the base method. State lives in buffers so it checkpoints."""
 
@@ -37,32 +66,36 @@ class Switch(nn.Module):
         self.register_buffer("switched", torch.tensor(False))
         self.register_buffer("switch_step", torch.tensor(-1, dtype=torch.long))
 
-    def weight(self, epoch: int) -> float:
+    def weight(self, progress: Progress) -> float:
         """lambda, the weight of the ReLA loss for the coming step (reads the state, never changes it)."""
         return 0.0 if bool(self.switched) else 1.0
 
-    def step(self, lam: float, loss: float | None, step: int, epoch: int) -> None:
+    def step(self, lam: float, loss: float | None, progress: Progress) -> None:
         """The step taken with weight ``lam`` is done: ``loss`` is its ReLA loss (None when not computed).
 
         At weight 0 the hand-over is recorded (once); otherwise the loss goes to :meth:`update`.
         """
         if lam == 0:
-            self.record_switch(step)
+            self.record_switch(progress.step)
         elif loss is not None:
-            self.update(loss, step, epoch)
+            self.update(loss, progress)
 
-    def update(self, loss: float, step: int, epoch: int) -> None:
+    def update(self, loss: float, progress: Progress) -> None:
         """React to the ReLA loss of a step; subclasses that watch the loss override it."""
 
     def record_switch(self, step: int) -> None:
-        """Mark the hand-over at ``step`` (the first step taken with weight 0)."""
+        """Mark the hand-over at ``step`` (the first step taken with weight 0, or the step that decided it)."""
         if not self.switched:
             self.switched.fill_(True)
             self.switch_step.fill_(step)
 
+    def metrics(self) -> dict[str, float]:
+        """What the switch watches, for the logs."""
+        return {}
+
 
 class AdaptiveSwitch(Switch):
-    """Switch once the ReLA loss plateaus (the authors' rho >= 0.995 rule).
+    """Switch once the ReLA loss plateaus (the authors' rho >= 0.995 rule, step-based time constants).
 
     Two EMAs of the loss: a fast one (0.999) and a slow one (0.99) of the fast one.
     While the loss falls, the slow EMA lags above the fast one and
@@ -78,7 +111,7 @@ class AdaptiveSwitch(Switch):
         self.register_buffer("loss_slow", torch.tensor(slow_init, dtype=torch.float64))
         self.register_buffer("rho", torch.tensor(0.0, dtype=torch.float64))
 
-    def update(self, loss: float, step: int, epoch: int) -> None:
+    def update(self, loss: float, progress: Progress) -> None:
         if self.switched:
             return
         # rho is computed from the EMAs before this step's loss enters them, as in the reference code.
@@ -86,26 +119,124 @@ class AdaptiveSwitch(Switch):
         self.loss_fast.mul_(self.fast_decay).add_((1 - self.fast_decay) * loss)
         self.loss_slow.mul_(self.slow_decay).add_((1 - self.slow_decay) * self.loss_fast)
         if self.rho >= self.threshold:
-            self.record_switch(step)
+            self.record_switch(progress.step)
+
+    def metrics(self) -> dict[str, float]:
+        return {"rho": float(self.rho)}
+
+
+class PlateauSwitch(Switch):
+    """Hand over when the smoothed ReLA loss stops improving; every time constant is a fraction of the run.
+
+    ``smoothed`` is an EMA of the loss with a window of ``smooth`` of the run's steps, divided by
+    ``1 - decay**n`` (Adam's bias correction), so it is the mean of the recent losses from the
+    first step on, not a blend with an arbitrary start value. ``best`` is its lowest value so far;
+    an improvement counts when ``smoothed < best * (1 - threshold)``, as in
+    ``ReduceLROnPlateau(threshold_mode="rel")``. The plateau is reached when no improvement has
+    counted for ``patience`` of the run. The same loss curve stretched over 500 or 50,000 steps
+    therefore hands over at the same fraction of the run.
+    """
+
+    def __init__(self, threshold: float = 0.01, patience: float = 0.05, smooth: float = 0.05):
+        super().__init__()
+        self.threshold, self.patience, self.smooth = threshold, patience, smooth
+        self.register_buffer("ema", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("seen", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("best", torch.tensor(math.inf, dtype=torch.float64))
+        self.register_buffer("best_step", torch.tensor(-1, dtype=torch.long))
+        self.register_buffer("plateau_step", torch.tensor(-1, dtype=torch.long))
+
+    @property
+    def reached(self) -> bool:
+        return int(self.plateau_step) >= 0
+
+    def smoothed(self, progress: Progress) -> float:
+        decay = 1 - 1 / progress.steps(self.smooth)
+        return float(self.ema) / (1 - decay ** int(self.seen)) if int(self.seen) else math.nan
+
+    def update(self, loss: float, progress: Progress) -> None:
+        if self.reached:
+            return
+        decay = 1 - 1 / progress.steps(self.smooth)
+        self.ema.mul_(decay).add_((1 - decay) * loss)
+        self.seen.add_(1)
+        smoothed = self.smoothed(progress)
+        if smoothed < float(self.best) * (1 - self.threshold):
+            self.best.fill_(smoothed)
+            self.best_step.fill_(progress.step)
+        elif progress.step - int(self.best_step) >= progress.steps(self.patience):
+            self.plateau_step.fill_(progress.step)  # Switch.step records the hand-over at the first lam = 0
+
+    def weight(self, progress: Progress) -> float:
+        return 0.0 if self.reached else 1.0
+
+    def metrics(self) -> dict[str, float]:
+        best = float(self.best)
+        return {"plateau_best": best} if math.isfinite(best) else {}
+
+
+class SoftPlateauSwitch(PlateauSwitch):
+    """The plateau test, then lam ramps linearly from 1 to 0 over ``ramp`` of the run.
+
+    The hand-over (``switch_step``) is the first step taken with lam = 0; during the ramp both
+    losses run, each with its own augmentations, so neither the objective nor the inputs jump.
+    """
+
+    def __init__(self, ramp: float = 0.1, **plateau):
+        super().__init__(**plateau)
+        self.ramp = ramp
+
+    def weight(self, progress: Progress) -> float:
+        if not self.reached:
+            return 1.0
+        return min(1.0, max(0.0, 1 - (progress.step - int(self.plateau_step)) / progress.steps(self.ramp)))
+
+
+class RampSwitch(Switch):
+    """lam = 1 until ``start`` of the run, then linearly down to 0 at ``start + length`` (training progress only)."""
+
+    def __init__(self, start: float, length: float):
+        super().__init__()
+        self.start, self.length = start, length
+
+    def weight(self, progress: Progress) -> float:
+        if self.length == 0:
+            return 1.0 if progress.fraction < self.start else 0.0
+        return min(1.0, max(0.0, 1 - (progress.fraction - self.start) / self.length))
 
 
 class ConstantSwitch(Switch):
     """ReLA for the first ``fraction`` of the epochs, then the base method."""
 
-    def __init__(self, fraction: float, epochs: int):
+    def __init__(self, fraction: float):
         super().__init__()
-        self.until_epoch = int(fraction * epochs)
+        self.fraction = fraction
 
-    def weight(self, epoch: int) -> float:
-        return 1.0 if epoch < self.until_epoch else 0.0
-
+    def weight(self, progress: Progress) -> float:
+        return 1.0 if progress.epoch < int(self.fraction * progress.epochs) else 0.0
 
 
 class NeverSwitch(Switch):
     """ReLA for the whole run: distillation only (an ablation)."""
 
-    def weight(self, epoch: int) -> float:
+    def weight(self, progress: Progress) -> float:
         return 1.0
+
+
+# --- names -------------------------------------------------------------------------------
+
+def _numbers(arg: str, names: tuple[str, ...], high: float = 1.0, exact: bool = False) -> tuple[float, ...]:
+    """Colon-separated numbers in [0, high]: all of ``names`` if ``exact``, else up to as many."""
+    parts = arg.split(":")
+    try:
+        values = tuple(float(v) for v in parts)
+    except ValueError:
+        values = ()
+    count_ok = len(parts) == len(names) if exact else 1 <= len(parts) <= len(names)
+    if not count_ok or len(values) != len(parts) or not all(0 <= v <= high for v in values):
+        raise ValueError(f"{':'.join(names)} must be {'' if exact else 'up to '}{len(names)} number(s) "
+                         f"in [0, {high:g}], colon-separated")
+    return values
 
 
 def _threshold(arg: str) -> float:
@@ -115,36 +246,48 @@ def _threshold(arg: str) -> float:
         raise ValueError("THRESHOLD must be a number") from None
 
 
-def _fraction(arg: str) -> float:
-    try:
-        fraction = float(arg)
-    except ValueError:
-        fraction = math.nan
-    if not 0 <= fraction <= 1:
-        raise ValueError("FRACTION must be a number in [0, 1]")
-    return fraction
-
-
 @SWITCHES.register("adaptive", arg="THRESHOLD", arg_optional=True, parse=_threshold,
-                   help="hand over when the ReLA loss plateaus, rho >= THRESHOLD, default 0.995")
-def _adaptive(threshold: float | None, *, epochs: int) -> Switch:
+                   help="the authors' rule: hand over when rho >= THRESHOLD (default 0.995); "
+                        "step-based EMAs, cannot fire before ~2,400 steps")
+def _adaptive(threshold: float | None) -> Switch:
     return AdaptiveSwitch() if threshold is None else AdaptiveSwitch(threshold)
 
 
-@SWITCHES.register("constant", arg="FRACTION", parse=_fraction,
+@SWITCHES.register("plateau", arg="THRESHOLD[:PATIENCE]", arg_optional=True,
+                   parse=lambda a: _numbers(a, ("THRESHOLD", "PATIENCE")),
+                   help="hand over when the smoothed ReLA loss has not improved by THRESHOLD (relative, "
+                        "default 0.01) for PATIENCE of the run (default 0.05)")
+def _plateau(args: tuple[float, ...] | None) -> Switch:
+    return PlateauSwitch(**dict(zip(("threshold", "patience"), args or ())))
+
+
+@SWITCHES.register("soft-plateau", arg="RAMP", arg_optional=True,
+                   parse=lambda a: _numbers(a, ("RAMP",))[0],
+                   help="the plateau test, then lambda ramps from 1 to 0 over RAMP of the run (default 0.1)")
+def _soft_plateau(ramp: float | None) -> Switch:
+    return SoftPlateauSwitch() if ramp is None else SoftPlateauSwitch(ramp)
+
+
+@SWITCHES.register("soft", arg="START:LENGTH", parse=lambda a: _numbers(a, ("START", "LENGTH"), exact=True),
+                   help="ReLA alone until START of the run, then a linear blend into the method over LENGTH")
+def _soft(args: tuple[float, float]) -> Switch:
+    return RampSwitch(*args)
+
+
+@SWITCHES.register("constant", arg="FRACTION", parse=lambda a: _numbers(a, ("FRACTION",))[0],
                    help="ReLA for the first FRACTION of the epochs")
-def _constant(fraction: float, *, epochs: int) -> Switch:
-    return ConstantSwitch(fraction, epochs)
+def _constant(fraction: float) -> Switch:
+    return ConstantSwitch(fraction)
 
 
 @SWITCHES.register("never", help="ReLA for the whole run: distillation only")
-def _never(*, epochs: int) -> Switch:
+def _never() -> Switch:
     return NeverSwitch()
 
 
-def build_switch(spec: str, epochs: int) -> Switch:
-    """The switch ``spec`` names (see :data:`rela.registry.SWITCHES`), for a run of ``epochs`` epochs."""
-    return SWITCHES.create(spec, epochs=epochs)
+def build_switch(spec: str) -> Switch:
+    """The switch ``spec`` names (see :data:`rela.registry.SWITCHES`)."""
+    return SWITCHES.create(spec)
 
 
 class ReLAAccelerator(nn.Module):
@@ -161,3 +304,11 @@ class ReLAAccelerator(nn.Module):
 
     def loss(self, features_1: torch.Tensor, features_2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return rela_loss(self.transfer(features_1), self.transfer(features_2), self.targets[index])
+
+    def step_loss(self, backbone: nn.Module, images: torch.Tensor, index: torch.Tensor,
+                  normalize: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ReLA part of a training step: two cheap views through the learner, regressed onto the
+        targets of ``index`` (no momentum forward). Returns the loss and the first view's features."""
+        f1 = backbone(normalize(self.view(images))).flatten(1)
+        f2 = backbone(normalize(self.view(images))).flatten(1)
+        return self.loss(f1, f2, index), f1

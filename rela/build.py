@@ -20,6 +20,7 @@ from rela.bank import load_or_extract
 from rela.config import TrainConfig
 from rela.data import ImageDataset, load_dataset
 from rela.methods import Method, build_method
+from rela.flops import prior_flops_per_image
 from rela.priors import Prior, build_prior
 from rela.targets import transport
 
@@ -75,6 +76,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
                                     progress=cfg.progress, dtype=cfg.bank_dtype)
         targets = transport(raw, min(feature_dim, raw.shape[1]))
         info.update(prior_name=prior.name, target_dim=targets.values.shape[1],
+                    bank_flops=len(train_set) * prior_flops_per_image(
+                        prior.model, (prior.channels, prior.input_size, prior.input_size)),
                     target_explained_variance=targets.explained_variance)
-        rela = ReLAAccelerator(feature_dim, targets.values, build_switch(cfg.switch, cfg.epochs))
+        rela = ReLAAccelerator(feature_dim, targets.values, build_switch(cfg.switch))
     return Prepared(train_set, test_set, method, rela, feature_dim, info, device)

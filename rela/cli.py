@@ -35,7 +35,7 @@ TRAIN_FLAGS = {
     "--bank-dtype": (str, BANK_DTYPES),
     "--ratio": (float, "fraction of the data drawn afresh every epoch, in (0, 1]"),
     "--epochs": (int, "number of epochs (each over ratio * N images)"),
-    "--max-steps": (int, "stop after this many optimizer steps (LR schedule spans them)"),
+    "--max-steps": (int, "stop after this many optimizer steps (LR schedule spans them); 0: no training, the learner as initialised"),
     "--batch-size": (int, "images per optimizer step"),
     "--lr": (float, "peak AdamW learning rate (cosine schedule over the run's steps)"),
     "--weight-decay": (float, "AdamW weight decay"),

@@ -67,7 +67,8 @@ class TrainConfig:
     # budget and optimisation
     ratio: float = 1.0
     epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps (a budget that is not whole epochs)
+    max_steps: int | None = None  # stop after this many optimizer steps (a budget that is not whole epochs);
+    # 0: no training at all, the learner as initialised (the no-training floor of a benchmark)
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -94,9 +95,9 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RelaError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("train_limit", "test_limit", "image_size", "holdout", "max_steps"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise RelaError(f"{name} must be an integer >= 1, got {value!r}")
+            value, least = getattr(self, name), 0 if name == "max_steps" else 1
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise RelaError(f"{name} must be an integer >= {least}, got {value!r}")
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1:
             raise RelaError(f"need lr > 0, weight_decay >= 0, 0 <= warmup < 1; got "
                             f"lr={self.lr}, weight_decay={self.weight_decay}, warmup={self.warmup}")

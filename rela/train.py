@@ -27,13 +27,14 @@ from lightly.utils.dist import rank as dist_rank
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
-from rela.accelerator import ReLAAccelerator
+from rela.accelerator import Progress, ReLAAccelerator
 from rela.build import prepare
 from rela.config import TrainConfig
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
 from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.evaluate import backbone_features, knn_accuracy
+from rela.flops import run_flops, step_flops_per_image
 from rela.hardware import keep_freed_memory
 from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
 from rela.methods import Method
@@ -78,10 +79,13 @@ class ReLAModule(L.LightningModule):
         # The whole (small) dataset rides along to the training device; batches are index tensors.
         self.register_buffer("images", dataset.images, persistent=False)
         self.register_buffer("labels", dataset.labels, persistent=False)
-        self.budget = {"steps": 0, "images_seen": 0, "train_seconds": 0.0}
+        # rela_phase_images / method_phase_images: images of the steps that ran the ReLA loss / the method's
+        # loss (a soft hand-over runs both), what the FLOP count in metrics.json multiplies (rela.flops).
+        self.budget = {"steps": 0, "images_seen": 0, "train_seconds": 0.0, "rela_phase_images": 0,
+                       "method_phase_images": 0}
         self.history: list[dict] = []
         self._batch_start = 0.0
-        self._batch_images = 0
+        self._batch_images, self._batch_lam = 0, 0.0
         # Lightning builds the loader before it restores its own loop state, so its stateful-loader
         # hook never reaches ours; the sampler's position rides in the checkpoint as rela_sampler.
         self._sampler: DynamicSubsetSampler | None = None
@@ -107,36 +111,40 @@ class ReLAModule(L.LightningModule):
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
     # --- one step ---------------------------------------------------------------------
+    def progress(self) -> Progress:
+        """The coming optimizer step, of the steps this run takes (what the switch and momentum follow)."""
+        return Progress(self.global_step, int(self.trainer.estimated_stepping_batches), self.current_epoch,
+                        self.trainer.max_epochs)
+
     def training_step(self, index: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x, y = self.images[index], self.labels[index]
-        step, max_steps = self.global_step, int(self.trainer.estimated_stepping_batches)
+        progress = self.progress()
+        step, max_steps = progress.step, progress.total_steps
         self.method.update_momentum(step, max_steps)  # in the ReLA phase too (spec step 4)
-        lam = self.rela.switch.weight(self.current_epoch) if self.rela is not None else 0.0
+        lam = self.rela.switch.weight(progress) if self.rela is not None else 0.0
         loss, logs, rela_loss = 0.0, {"lambda": lam}, None
-        if lam > 0:
-            # ReLA phase: two cheap views regressed onto the prior's targets; no momentum forward.
-            f1 = self.method.backbone(self.normalize(self.rela.view(x))).flatten(1)
-            f2 = self.method.backbone(self.normalize(self.rela.view(x))).flatten(1)
-            rela_loss = self.rela.loss(f1, f2, index)
-            loss, features = lam * rela_loss, f1
+        if lam > 0:  # ReLA phase: two cheap views regressed onto the prior's targets
+            rela_loss, features = self.rela.step_loss(self.method.backbone, x, index, self.normalize)
+            loss = lam * rela_loss
             logs["rela_loss"] = rela_loss.detach()
-        if lam < 1:
-            out = self.method([self.normalize(view(x)) for view in self.method.views], y)
+        if lam < 1:  # the method's own views and loss
+            out = self.method.step_loss(x, y, self.normalize)
             loss, features = loss + (1 - lam) * out.loss, out.features
             logs["method_loss"] = out.loss.detach()
         logits = self.monitor(features.detach().float())
         monitor_loss = F.cross_entropy(logits, y)
         logs["monitor_acc"] = (logits.argmax(1) == y).float().mean()
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         if not torch.isfinite(loss):
             raise RelaError(f"the training loss became {loss.item()} at step {step}; "
                             "lower --lr (the last good checkpoint is kept)")
         if self.rela is not None:
             # Every rank must take the same decision: the switch sees the loss averaged over ranks.
             mean_loss = None if rela_loss is None else self.all_gather(rela_loss.detach()).float().mean().item()
-            self.rela.switch.step(lam, mean_loss, step, self.current_epoch)
-        self._batch_images = len(index)
+            self.rela.switch.step(lam, mean_loss, progress)
+            logs.update(self.rela.switch.metrics())
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self._batch_images, self._batch_lam = len(index), lam
         return loss + monitor_loss
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -149,7 +157,10 @@ class ReLAModule(L.LightningModule):
         # hold the budget of the step it follows (the switch has seen that step in training_step).
         self.budget["train_seconds"] += time.perf_counter() - self._batch_start
         self.budget["steps"] += 1
-        self.budget["images_seen"] += self._batch_images * self.trainer.world_size
+        images = self._batch_images * self.trainer.world_size
+        self.budget["images_seen"] += images
+        self.budget["rela_phase_images"] += images * (self._batch_lam > 0)
+        self.budget["method_phase_images"] += images * (self._batch_lam < 1)
 
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
@@ -178,7 +189,7 @@ class ReLAModule(L.LightningModule):
                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.budget = dict(checkpoint.get("rela_budget", self.budget))
+        self.budget = {**self.budget, **checkpoint.get("rela_budget", {})}
         self.history = list(checkpoint.get("rela_history", []))
         self.wall_before = checkpoint.get("rela_wall_seconds", 0.0)
         self._sampler_state = checkpoint.get("rela_sampler")
@@ -335,7 +346,8 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
             log_every_n_steps=10, use_distributed_sampler=False, num_sanity_val_steps=0,
         )
         module.wall_start = wall_start
-        trainer.fit(module, ckpt_path=str(last) if resuming else None)
+        if cfg.max_steps != 0:  # 0: the learner stays as initialised (a benchmark's no-training floor)
+            trainer.fit(module, ckpt_path=str(last) if resuming else None)
     if not trainer.is_global_zero:
         return {}
     # 5. outputs
@@ -345,6 +357,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
                 "state_dict": {k: v.cpu() for k, v in module.method.backbone.state_dict().items()}},
                out / "backbone.pt")
     switch_step = module.switch_step
+    per_image = step_flops_per_image(module.method, module.rela, module.normalize, module.images[:8], module.labels[:8])
     previous = load_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
     metrics = {
         "dataset": cfg.dataset, "method": cfg.method, "prior": cfg.prior, "backbone": cfg.backbone,
@@ -352,6 +365,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
         **module.budget, "switch_step": switch_step,
         "rela_steps": (switch_step if switch_step is not None else module.budget["steps"]) if module.rela else 0,
         "wall_seconds": module.wall_seconds(), "history": module.history, **run.bank_info,
+        "flops_per_image": per_image, "train_flops": run_flops(per_image, module.budget),
         "device": run.device, "precision": _precision(cfg), "skipped_images": len(train_set.skipped),
     }
     if previous.get("steps") == metrics["steps"]:  # resumed a finished run: its evaluation still holds

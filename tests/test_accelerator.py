@@ -13,6 +13,10 @@ from rela.accelerator import (
     AdaptiveSwitch,
     ConstantSwitch,
     NeverSwitch,
+    PlateauSwitch,
+    Progress,
+    RampSwitch,
+    SoftPlateauSwitch,
     ReLAAccelerator,
     Switch,
     build_switch,
@@ -89,9 +93,13 @@ def reference_switch_step(losses, threshold=0.995):
     return None
 
 
+def at(step: int, total: int = 20_000, epoch: int = 0, epochs: int = 1) -> Progress:
+    return Progress(step, total, epoch, epochs)
+
+
 def drive(switch: Switch, losses, start: int = 0) -> int | None:
     for step, loss in enumerate(losses[start:], start):
-        switch.update(float(loss), step, epoch=0)
+        switch.update(float(loss), at(step, len(losses)))
         if bool(switch.switched):
             return int(switch.switch_step)
     return None
@@ -122,9 +130,9 @@ def test_adaptive_switch_waits_for_the_plateau(name):
     expected = reference_switch_step(losses)
     assert expected is not None and plateau < expected < plateau + 3000
     switch = AdaptiveSwitch()
-    assert switch.weight(0) == 1.0
+    assert switch.weight(at(0)) == 1.0
     assert drive(switch, losses) == expected
-    assert switch.weight(0) == 0.0 and switch.weight(5) == 0.0
+    assert switch.weight(at(0)) == 0.0 and switch.weight(at(5, epoch=5, epochs=6)) == 0.0
     assert float(switch.rho) >= 0.995
 
 
@@ -134,14 +142,14 @@ def test_adaptive_switch_not_during_steady_decrease():
     assert reference_switch_step(losses) is None
     switch = AdaptiveSwitch()
     assert drive(switch, losses) is None
-    assert switch.weight(0) == 1.0 and int(switch.switch_step) == -1
+    assert switch.weight(at(0)) == 1.0 and int(switch.switch_step) == -1
     assert float(switch.rho) < 0.995
 
 
 def test_adaptive_switch_on_flat_loss_and_custom_threshold():
     losses = np.full(20_000, 0.5)
     assert drive(AdaptiveSwitch(), losses) == reference_switch_step(losses)
-    strict, loose = build_switch("adaptive:0.9999", 10), build_switch("adaptive:0.9", 10)
+    strict, loose = build_switch("adaptive:0.9999"), build_switch("adaptive:0.9")
     assert isinstance(strict, AdaptiveSwitch) and strict.threshold == 0.9999
     s_strict, s_loose = drive(strict, losses), drive(loose, losses)
     assert s_strict == reference_switch_step(losses, 0.9999)
@@ -153,9 +161,9 @@ def test_adaptive_switch_is_final():
     losses = np.full(3000, 0.5)
     switch = AdaptiveSwitch()
     step = drive(switch, losses)
-    switch.update(5.0, step + 1, 0)  # a later spike does not switch back or move the step
+    switch.update(5.0, at(step + 1))  # a later spike does not switch back or move the step
     switch.record_switch(step + 2)
-    assert bool(switch.switched) and int(switch.switch_step) == step and switch.weight(0) == 0.0
+    assert bool(switch.switched) and int(switch.switch_step) == step and switch.weight(at(0)) == 0.0
 
 
 def test_adaptive_switch_state_survives_state_dict():
@@ -172,7 +180,7 @@ def test_adaptive_switch_state_survives_state_dict():
     # and a switched controller stays switched after a round trip
     again = AdaptiveSwitch()
     again.load_state_dict(resumed.state_dict())
-    assert bool(again.switched) and int(again.switch_step) == expected and again.weight(0) == 0.0
+    assert bool(again.switched) and int(again.switch_step) == expected and again.weight(at(0)) == 0.0
 
 
 # --- constant / never / build_switch --------------------------------------------------
@@ -181,35 +189,36 @@ def test_adaptive_switch_state_survives_state_dict():
 @pytest.mark.parametrize("fraction,epochs,rela_epochs", [(0.5, 2, 1), (0.5, 4, 2), (0.3, 10, 3), (0.0, 5, 0),
                                                          (1.0, 3, 3)])
 def test_constant_switch_weight_by_epoch(fraction, epochs, rela_epochs):
-    switch = build_switch(f"constant:{fraction}", epochs)
+    switch = build_switch(f"constant:{fraction}")
     assert isinstance(switch, ConstantSwitch)
-    weights = [switch.weight(e) for e in range(epochs)]
+    weights = [switch.weight(at(10 * e, 10 * epochs, e, epochs)) for e in range(epochs)]
     assert weights == [1.0] * rela_epochs + [0.0] * (epochs - rela_epochs)
-    switch.update(0.1, 0, 0)  # the loss does not matter to a constant schedule
-    assert [switch.weight(e) for e in range(epochs)] == weights
+    switch.update(0.1, at(0))  # the loss does not matter to a constant schedule
+    assert [switch.weight(at(10 * e, 10 * epochs, e, epochs)) for e in range(epochs)] == weights
 
 
 def test_never_switch():
-    switch = build_switch("never", 3)
+    switch = build_switch("never")
     assert isinstance(switch, NeverSwitch)
     for step in range(2000):
-        switch.update(0.5, step, 0)
-    assert all(switch.weight(e) == 1.0 for e in range(3))
+        switch.update(0.5, at(step, 2000))
+    assert all(switch.weight(at(s, 2000, s // 700, 3)) == 1.0 for s in range(0, 2000, 100))
     assert not bool(switch.switched)
 
 
 def test_build_switch_defaults():
-    switch = build_switch("adaptive", 5)
+    switch = build_switch("adaptive")
     assert isinstance(switch, AdaptiveSwitch)
     assert (switch.threshold, switch.fast_decay, switch.slow_decay) == (0.995, 0.999, 0.99)
     assert float(switch.loss_fast) == 1.0 and float(switch.loss_slow) == 2.0
 
 
 @pytest.mark.parametrize("spec", ["sometimes", "constant", "constant:abc", "constant:1.5", "constant:-0.1",
-                                  "adaptive:high", "never:3", ""])
+                                  "adaptive:high", "never:3", "", "plateau:x", "plateau:0.1:0.2:0.3",
+                                  "plateau:2", "soft-plateau:-1", "soft", "soft:0.5", "soft:0.5:x"])
 def test_bad_switch_specs_raise(spec):
     with pytest.raises(RelaError, match="switch"):
-        build_switch(spec, 10)
+        build_switch(spec)
 
 
 # --- BYOL, the base method -------------------------------------------------------------
@@ -302,13 +311,124 @@ def test_byol_momentum_frozen_at_the_end_of_the_schedule(byol):
 
 
 def test_switch_step_is_the_one_place_state_changes():
-    switch = build_switch("adaptive:0.9999", 4)
-    switch.step(1.0, 0.5, 7, 0)  # a ReLA step: its loss enters the EMAs
+    switch = build_switch("adaptive:0.9999")
+    switch.step(1.0, 0.5, at(7, 100))  # a ReLA step: its loss enters the EMAs
     assert float(switch.loss_fast) != 1.0 and not bool(switch.switched)
     ema = float(switch.loss_fast)
-    switch.step(1.0, None, 8, 0)  # no ReLA loss computed: nothing to learn from
+    switch.step(1.0, None, at(8, 100))  # no ReLA loss computed: nothing to learn from
     assert float(switch.loss_fast) == ema
-    constant = build_switch("constant:0.5", 4)
-    constant.step(0.0, None, 11, 2)  # the first step at weight 0 is the hand-over
-    constant.step(0.0, None, 12, 2)
+    constant = build_switch("constant:0.5")
+    constant.step(0.0, None, at(11, 20, 2, 4))  # the first step at weight 0 is the hand-over
+    constant.step(0.0, None, at(12, 20, 2, 4))
     assert bool(constant.switched) and int(constant.switch_step) == 11
+
+
+# --- switches whose time constants are fractions of the run (issue 13) --------------------
+
+
+def stretched(total: int, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """One loss curve, as a function of the run's fraction u = step / total: fast fall, slow tail, flat from u = 0.4."""
+    u = np.minimum(np.arange(total) / total, 0.4)
+    curve = 0.3 + 0.6 * np.exp(-u / 0.05) + 0.1 * (0.4 - u)
+    if noise:
+        curve = curve * (1 + noise * np.random.default_rng(seed).standard_normal(total))
+    return curve
+
+
+def run_switch(switch: Switch, losses, start: int = 0, total: int | None = None) -> list[float]:
+    """Drive a switch the way the training step does over ``losses[start:]``; return lambda per step."""
+    total, lams = total or len(losses), []
+    for step, loss in enumerate(losses[start:], start):
+        progress = at(step, total)
+        lam = switch.weight(progress)
+        switch.step(lam, float(loss) if lam > 0 else None, progress)
+        lams.append(lam)
+    return lams
+
+
+SCALE_FREE = {"plateau": PlateauSwitch, "soft-plateau": SoftPlateauSwitch, "soft:0.3:0.2": lambda: RampSwitch(0.3, 0.2)}
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.02])
+@pytest.mark.parametrize("name", SCALE_FREE)
+def test_switch_fires_at_the_same_fraction_of_500_or_50000_steps(name, noise):
+    fractions = {}
+    for total in (500, 50_000):
+        switch = build_switch(name)
+        lams = run_switch(switch, stretched(total, noise))
+        assert bool(switch.switched), f"{name} never handed over in {total} steps"
+        hand_over = int(switch.switch_step)
+        assert lams[hand_over] == 0.0 and all(lam > 0 for lam in lams[:hand_over])  # the first step at lambda 0
+        fractions[total] = hand_over / total
+    # Without noise the decision is the same to a step's resolution; with 2 % per-step noise a 500-step run
+    # averages 100x fewer losses per window, so its decision moves by a few % of the run (measured: <= 0.06).
+    assert fractions[500] == pytest.approx(fractions[50_000], abs=0.01 if noise == 0 else 0.07)
+    # the plateau (u >= 0.4) or the schedule decides, not the run's length
+    assert 0.4 <= fractions[50_000] <= 0.75 if name != "soft:0.3:0.2" else fractions[50_000] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_the_authors_rule_depends_on_the_step_count():
+    """The reason for the variants above: the same curve hands over at very different fractions (or never)."""
+    short, long = AdaptiveSwitch(), AdaptiveSwitch()
+    run_switch(short, stretched(500))
+    run_switch(long, stretched(50_000))
+    assert not bool(short.switched)  # rho cannot reach 0.995 within 500 steps
+    assert bool(long.switched) and int(long.switch_step) / 50_000 < 0.4  # and fires before the plateau
+
+
+def test_plateau_waits_while_the_loss_keeps_improving():
+    total = 2000
+    losses = 1.0 - 0.5 * np.arange(total) / total  # a steady 50 % fall: every patience window improves > 1 %
+    switch = PlateauSwitch()
+    assert 1.0 not in set(run_switch(switch, losses)) or not bool(switch.switched)
+    assert not bool(switch.switched)
+
+
+def test_plateau_threshold_and_patience_are_relative_to_the_loss_and_the_run():
+    total = 4000
+    slow = 1.0 - 0.1 * np.arange(total) / total  # falls by 0.5 % per 5 % of the run
+    loose = build_switch("plateau:0.01")  # asks for 1 % per 5 % of the run: a plateau
+    strict = build_switch("plateau:0.001")  # asks for 0.1 %: still improving
+    run_switch(loose, slow)
+    run_switch(strict, slow)
+    assert bool(loose.switched) and not bool(strict.switched)
+    assert int(loose.switch_step) == pytest.approx(0.05 * total, abs=0.02 * total)
+    scaled = build_switch("plateau:0.01")  # the same curve times 10: the same decision (relative threshold)
+    run_switch(scaled, 10 * slow)
+    assert int(scaled.switch_step) == int(loose.switch_step)
+    patient = build_switch("plateau:0.03:0.2")  # 3 % takes 30 % of this run: no improvement within 20 %
+    run_switch(patient, slow)
+    assert int(patient.switch_step) == pytest.approx(0.2 * total, abs=0.02 * total)
+
+
+def test_soft_plateau_ramps_lambda_linearly_after_the_plateau():
+    total = 10_000
+    switch = build_switch("soft-plateau:0.2")
+    lams = np.array(run_switch(switch, stretched(total)))
+    start = int(switch.plateau_step)
+    ramp = lams[start + 1:int(switch.switch_step) + 1]
+    assert lams[:start + 1].min() == 1.0
+    expected = 1 - np.arange(1, len(ramp) + 1) / (0.2 * total)
+    np.testing.assert_allclose(ramp, np.clip(expected, 0, 1), atol=1e-9)
+    assert int(switch.switch_step) - start == pytest.approx(0.2 * total, abs=1)
+    assert (lams[int(switch.switch_step):] == 0).all()
+
+
+def test_plateau_state_survives_state_dict_mid_run():
+    total = 20_000
+    losses = stretched(total, noise=0.02)
+    whole = SoftPlateauSwitch()
+    expected = run_switch(whole, losses)
+    first = SoftPlateauSwitch()
+    lams = run_switch(first, losses[:9000], total=total)
+    resumed = SoftPlateauSwitch()
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    lams += run_switch(resumed, losses, start=9000)
+    assert lams == expected and int(resumed.switch_step) == int(whole.switch_step)
+
+
+def test_ramp_switch_follows_training_progress():
+    switch = build_switch("soft:0.25:0.5")
+    assert [switch.weight(at(s, 100)) for s in (0, 24, 25, 50, 75, 99)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
+    hard = build_switch("soft:0.3:0")
+    assert [hard.weight(at(s, 10)) for s in (2, 3)] == [1.0, 0.0]

@@ -37,7 +37,7 @@ training_step, on_fit_start = ReLAModule.training_step, ReLAModule.on_fit_start
 def recording_step(self, index, batch_idx):
     log["steps"].append({"epoch": self.current_epoch, "index": index.tolist(),
                          "targets": self.rela.targets[index].tolist(),
-                         "lambda": self.rela.switch.weight(self.current_epoch)})
+                         "lambda": self.rela.switch.weight(self.progress())})
     return training_step(self, index, batch_idx)
 
 
@@ -148,7 +148,7 @@ def offset_loss(self, features_1, features_2, index):
 
 
 def recording_step(self, index, batch_idx):
-    log["lambdas"].append(self.rela.switch.weight(self.current_epoch))
+    log["lambdas"].append(self.rela.switch.weight(self.progress()))
     return training_step(self, index, batch_idx)
 
 

@@ -38,7 +38,7 @@ def test_rela_and_byol_steps_run_under_cpu_bf16_autocast(tmp_path, monkeypatch):
             loss = step(self, index, batch_idx)
         finally:
             hook.remove()
-        seen.append({"lambda": self.rela.switch.weight(self.current_epoch), "loss": float(loss),
+        seen.append({"lambda": self.rela.switch.weight(self.progress()), "loss": float(loss),
                      "autocast": torch.is_autocast_enabled("cpu"), "dtype": torch.get_autocast_dtype("cpu"),
                      "backbone_out": set(outputs)})
         return loss

@@ -47,6 +47,10 @@ class Method(nn.Module):
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> MethodOutput:
         raise NotImplementedError
 
+    def step_loss(self, images: torch.Tensor, labels: torch.Tensor, normalize: nn.Module) -> MethodOutput:
+        """The method's part of a training step: its own views of a batch of raw images, its loss."""
+        return self([normalize(view(images)) for view in self.views], labels)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x).flatten(1)
 
