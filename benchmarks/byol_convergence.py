@@ -44,7 +44,7 @@ def run(results: ResultsFile, args, epochs: int, seed: int) -> dict:
                       epochs=epochs, batch_size=args.batch_size, seed=seed, probe_every=0, progress=False,
                       out=str(Path(args.runs_dir) / f"byol-{epochs}ep-s{seed}"))
     return run_cell(results, {"epochs": epochs, "seed": seed}, cfg, (
-        "knn_top1", "knn20_top1", "linear_top1", "train_seconds", "wall_seconds", "steps", "images_seen"),
+        "knn_top1", "knn20_top1", "linear_top1", "train_seconds", "wall_seconds", "steps", "images_seen", "train_flops"),
         f"[byol_convergence] BYOL {epochs} epochs, seed {seed}")
 
 

@@ -1,21 +1,29 @@
 """Table 1 of the paper in miniature: budget x prior on Fashion-MNIST, 3 seeds, cost-to-accuracy plots.
 
-    python benchmarks/table1.py                  # the whole grid (about 2 hours on 2 CPU cores)
-    python benchmarks/table1.py --seeds 0        # one seed first; rerun later to add seeds
-    python benchmarks/table1.py --holdout 10000  # validation mode (for choosing settings)
-    python benchmarks/table1.py --report-only    # tables/plots from what has run
+    python benchmarks/table1.py --full-epochs 32                  # the grid (many hours on 2 CPU cores)
+    python benchmarks/table1.py --full-epochs 32 --seeds 0        # one seed first; rerun later to add seeds
+    python benchmarks/table1.py --full-epochs 32 --holdout 10000 --budgets 0.5 --seeds 0 \
+        --sweep-switch adaptive plateau soft-plateau never        # choose the switch on the holdout split
+    python benchmarks/table1.py --full-epochs 32 --report-only    # tables/plots from what has run
 
-"Full budget" is BYOL for E epochs (--full-epochs) on all 60k images; budgets are fractions of its
-optimizer steps. Rows: 1 BYOL on a random subset each epoch; 2 BYOL on all data for fewer steps;
-3 ReLA + random init of the learner's architecture; 4 ReLA + random init of another architecture;
-5 ReLA + a BYOL model of scikit-learn's digits; 6 ReLA + the BYOL-full model of Fashion-MNIST
-(not free: it costs a full BYOL run); 7 distillation only (ReLA phase, no switch). Finished runs are
-kept in the JSON and skipped, so the grid can run in pieces. The cost of a run is its training
-seconds plus the seconds its bank took to extract.
+"Full budget" is BYOL for E epochs (--full-epochs; E is chosen by benchmarks/byol_convergence.py)
+on all 60k images; budgets are fractions of its optimizer steps. Rows: 0 no training (the learner
+as initialised: the floor); 1 BYOL on a random subset each epoch; 2 BYOL on all data for fewer
+steps; 3 ReLA + random init of the learner's architecture, with --switch; 3a the same with the
+authors' adaptive switch; 4 ReLA + random init of another architecture; 5 ReLA + a BYOL model of
+scikit-learn's digits; 6 ReLA + the BYOL-full model of Fashion-MNIST (not free: it costs a full
+BYOL run); 7 distillation only (ReLA phase, no switch). Rows 2, 4, 5, 6 run for the first seed
+only unless --all-rows-every-seed. BYOL-full and BYOL at 2E for a seed are taken from
+benchmarks/byol_convergence.py's results when it ran the same configuration, else trained here.
+Finished runs are kept in the JSON and skipped, so the grid can run in pieces.
 
-Writes table1.json / .md / _cost.png and byol_curve.png under --results (table1_val<N>.* with
---holdout N); the README's headline comes from the committed table1.json through
-``make readme-tables``, never from this script.
+Cost: FLOPs of every forward and backward pass (rela.flops: learner, momentum network, and the
+prior's extraction of the bank), a figure background load cannot distort; wall-clock seconds
+(training + bank extraction) stay beside it. Headroom: (acc - floor) / (BYOL-full - floor) per metric.
+
+Writes table1_e<E>.json / .md / _cost.png / _byol_curve.png under --results (``_val<N>`` with
+--holdout N); the README's headline comes from committed results through ``make readme-tables``,
+never from this script.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ import re
 import sys
 from pathlib import Path
 
-from common import (ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown, table_head,
-                    train_and_evaluate, write_report)
+from common import (RESULTS, ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown,
+                    table_head, train_and_evaluate, write_report)
 from rela.config import TrainConfig
 from rela.plotting import pyplot
 
@@ -36,19 +44,24 @@ ROWS = {
     "byol-subset": "1. BYOL, random subset per epoch",
     "byol-fewer-steps": "2. BYOL, all data, fewer steps",
     "rela-random-same": "3. ReLA, random-init prior (same arch)",
+    "rela-random-adaptive": "3a. ReLA, random-init prior, the authors' adaptive switch",
     "rela-random-other": "4. ReLA, random-init prior (other arch)",
     "rela-digits": "5. ReLA, BYOL prior from digits",
     "rela-fmnist-byol": "6. ReLA, BYOL-full prior of Fashion-MNIST (not free)",
     "distill-only": "7. Distillation only (no switch)",
 }
-FREE_PRIOR_ROWS = ("rela-random-same", "rela-random-other", "rela-digits")
+FREE_PRIOR_ROWS = ("rela-random-same", "rela-random-adaptive", "rela-random-other", "rela-digits")
+ONE_SEED_ROWS = ("byol-fewer-steps", "rela-random-other", "rela-digits", "rela-fmnist-byol")
+FLOOR = "untrained"  # row 0: the learner as initialised, evaluated like every other row
 RECORDED = ("knn_top1", "knn20_top1", "linear_top1", "wall_seconds", "train_seconds", "bank_seconds", "steps",
-            "images_seen", "switch_step", "rela_steps", "epochs", "ratio")
+            "images_seen", "switch_step", "rela_steps", "epochs", "ratio", "train_flops", "bank_flops")
+METRICS = (("knn_top1", "k-NN"), ("linear_top1", "linear"))
 
 
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="benchmarks/table1.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full-epochs", type=int, default=4, help="E: epochs of BYOL-full")
+    p.add_argument("--full-epochs", type=int, default=32,
+                   help="E: epochs of BYOL-full (32: chosen by benchmarks/byol_convergence.py)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.5])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -56,8 +69,12 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--other-arch", default="resnet-narrow", help="architecture of row 4's random prior")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--switch", default="constant:0.75",
-                   help="switch of the ReLA rows (row 7 never switches); chosen on --holdout 10000, see the README")
+    p.add_argument("--switch", default="plateau",
+                   help="switch of the ReLA rows (3a uses adaptive, 7 never switches); chosen on --holdout 10000")
+    p.add_argument("--all-rows-every-seed", action="store_true",
+                   help=f"also run {', '.join(ONE_SEED_ROWS)} for every seed (default: first seed only)")
+    p.add_argument("--byol-results", type=Path, default=RESULTS / "byol_convergence.json",
+                   help="BYOL runs of benchmarks/byol_convergence.py reused as BYOL-full / 2E when their config matches")
     p.add_argument("--digits-epochs", type=int, default=100)
     p.add_argument("--holdout", type=int, default=None, help="validation mode: evaluate on the last N train images")
     add_output_args(p, runs="table1")
@@ -71,20 +88,22 @@ def parse_args(argv: list[str] | None = None):
 
 
 def _costs(record: dict) -> dict:
-    return {"cost_seconds": record["train_seconds"] + (record["bank_seconds"] or 0.0),
-            "images_per_second": record["images_seen"] / record["train_seconds"]}
+    flops = None if record.get("train_flops") is None else record["train_flops"] + (record.get("bank_flops") or 0.0)
+    return {"cost_seconds": record["train_seconds"] + (record.get("bank_seconds") or 0.0), "cost_flops": flops,
+            "images_per_second": record["images_seen"] / record["train_seconds"] if record["train_seconds"] else None}
 
 
 class Grid:
     def __init__(self, args):
         self.args = args
         suffix = (f"_switch_val{args.holdout}" if args.sweep_switch else f"_val{args.holdout}") if args.holdout else ""
-        self.results = ResultsFile(args.results / f"table1{suffix}.json", meta={
+        self.name = f"table1_e{args.full_epochs}{suffix}"
+        self.results = ResultsFile(args.results / f"{self.name}.json", meta={
             "full_epochs": args.full_epochs, "backbone": args.backbone, "batch_size": args.batch_size,
             "switch": args.switch, "holdout": args.holdout, "train_limit": args.train_limit,
             "dataset": "fashion-mnist"},
             command=None if args.report_only else command(__file__, args.argv))
-        self.runs_dir = Path(f"{args.runs_dir}{suffix}")
+        self.runs_dir = Path(f"{args.runs_dir}_e{args.full_epochs}{suffix}")
         self.n_train = (args.train_limit or TRAIN_IMAGES) - (args.holdout or 0)
         self.full_steps = args.full_epochs * (self.n_train // args.batch_size)
 
@@ -102,12 +121,32 @@ class Grid:
         return str(self.runs_dir / name)
 
     # --- reference runs ------------------------------------------------------------------
+    def untrained(self, seed: int) -> dict:
+        """Row 0: the learner as initialised with this seed (no step taken), evaluated like the others."""
+        return self.run(FLOOR, 0.0, seed, self.base(prior="none", ratio=1.0, epochs=1, max_steps=0, seed=seed,
+                                                    out=self.out(f"untrained-s{seed}")), "none")
+
     def byol_full(self, seed: int, epochs: int | None = None) -> dict:
         e = epochs or self.args.full_epochs
         row = "byol-full" if e == self.args.full_epochs else f"byol-{e}ep"
+        key = dict(row=row, budget=e / self.args.full_epochs, seed=seed)
+        if not self.results.find(**key) and (imported := self.converged_byol(e, seed)):
+            self.results.add({**key, "prior": "none", **imported, **_costs(imported)})
         return self.run(row, e / self.args.full_epochs, seed,
                         self.base(prior="none", ratio=1.0, epochs=e, seed=seed, out=self.out(f"{row}-s{seed}")),
                         "none")
+
+    def converged_byol(self, epochs: int, seed: int) -> dict | None:
+        """The same BYOL run from benchmarks/byol_convergence.py's results, if it ran this configuration."""
+        a = self.args
+        if a.holdout or a.train_limit or a.lr or not a.byol_results.is_file():
+            return None
+        other = ResultsFile(a.byol_results)
+        if (other.meta.get("backbone"), other.meta.get("batch_size")) != (a.backbone, a.batch_size):
+            return None
+        found = other.find(epochs=epochs, seed=seed)
+        return None if found is None else {k: found.get(k) for k in RECORDED if k in found} | {
+            "imported_from": shown(a.byol_results)}
 
     def digits_prior(self) -> str:
         out = self.runs_dir / "prior-digits-byol"
@@ -129,14 +168,14 @@ class Grid:
             cfg = self.base(prior="none", ratio=1.0, epochs=math.ceil(budget * self.args.full_epochs),
                             max_steps=steps, seed=seed, out=self.out(name))
             return self.run(row, budget, seed, cfg, "none")
-        prior = {"rela-random-same": "random", "rela-random-other": f"random:{self.args.other_arch}",
-                 "distill-only": "random"}.get(row)
+        prior = {"rela-random-same": "random", "rela-random-adaptive": "random",
+                 "rela-random-other": f"random:{self.args.other_arch}", "distill-only": "random"}.get(row)
         if row == "rela-digits":
             prior = self.digits_prior()
         if row == "rela-fmnist-byol":
             self.byol_full(0)
             prior = f"checkpoint:{self.out('byol-full-s0')}"
-        switch = "never" if row == "distill-only" else self.args.switch
+        switch = {"distill-only": "never", "rela-random-adaptive": "adaptive"}.get(row, self.args.switch)
         cfg = self.base(prior=prior, switch=switch, ratio=budget, epochs=self.args.full_epochs, seed=seed,
                         out=self.out(name))
         label = re.sub(r"checkpoint:.*/", "checkpoint:", prior)
@@ -144,12 +183,13 @@ class Grid:
 
     def run_all(self) -> None:
         for seed in self.args.seeds:  # seed by seed, so a partial grid is already a full table
+            self.untrained(seed)
             self.byol_full(seed)
-            if seed == self.args.seeds[0]:
-                self.byol_full(seed, 2 * self.args.full_epochs)  # does E deserve the name "full"?
             for budget in self.args.budgets:
                 for row in self.args.rows:
-                    self.cell(row, budget, seed)
+                    if seed == self.args.seeds[0] or self.args.all_rows_every_seed or row not in ONE_SEED_ROWS:
+                        self.cell(row, budget, seed)
+            self.byol_full(seed, 2 * self.args.full_epochs)  # does E deserve the name "full"?
 
     def sweep_switch(self) -> None:
         """Choose the ReLA rows' switch on the holdout split: row 3 with each candidate switch."""
@@ -193,10 +233,10 @@ def write_sweep_report(grid: Grid) -> None:
 def summarise(runs: list[dict], budgets: list[float]) -> dict:
     def cell(row, budget):
         rs = runs_of(runs, row, budget)
-        return {"n": len(rs), **{k: mean_std([r[k] for r in rs]) for k in ("knn_top1", "linear_top1", "cost_seconds")},
-                "runs": rs}
+        return {"n": len(rs), "runs": rs,
+                **{k: mean_std([r.get(k) for r in rs]) for k in ("knn_top1", "linear_top1", "cost_seconds", "cost_flops")}}
     table = {row: {b: cell(row, b) for b in budgets} for row in ROWS}
-    return {"table": table, "full": cell("byol-full", 1.0)}
+    return {"table": table, "full": cell("byol-full", 1.0), "floor": cell(FLOOR, 0.0)}
 
 
 def budgets_of(runs: list[dict]) -> list[float]:
@@ -204,47 +244,94 @@ def budgets_of(runs: list[dict]) -> list[float]:
     return sorted({r["budget"] for r in runs if r["row"] in ROWS})
 
 
-def headline(summary: dict, budgets: list[float]) -> list[str]:
-    """Per ReLA row: the smallest budget that reaches BYOL-full's accuracy (mean - std), and its cost."""
+def headroom(summary: dict, cell: dict, metric: str) -> float | None:
+    """(acc - floor) / (BYOL-full - floor): the share of what full training adds over no training."""
+    floor, full = summary["floor"], summary["full"]
+    if not (floor["n"] and full["n"] and cell["n"]) or full[metric][0] == floor[metric][0]:
+        return None
+    return (cell[metric][0] - floor[metric][0]) / (full[metric][0] - floor[metric][0])
+
+
+def cost_ratio(summary: dict, cell: dict, kind: str) -> float | None:
+    """A cell's mean cost relative to BYOL-full's, in FLOPs (kind "flops") or wall-clock seconds ("seconds")."""
+    mine, full = cell[f"cost_{kind}"][0], summary["full"][f"cost_{kind}"][0]
+    return None if math.isnan(mine) or math.isnan(full) or not full else mine / full
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def reaches_full(summary: dict, cell: dict) -> bool:
+    """Within BYOL-full's mean - std on both metrics."""
     full = summary["full"]
+    return bool(full["n"] and cell["n"]) and all(cell[m][0] >= full[m][0] - full[m][1] for m, _ in METRICS)
+
+
+def headline(summary: dict, budgets: list[float]) -> list[str]:
+    """What the grid says, computed: where ReLA reaches BYOL-full, the switch, the headroom at the smallest budget."""
+    full, floor = summary["full"], summary["floor"]
     if not full["n"]:
         return ["BYOL-full has not run yet."]
-    (k_mean, k_std), (l_mean, l_std), (c_mean, _) = full["knn_top1"], full["linear_top1"], full["cost_seconds"]
-    lines = []
+    lines = [(f"No training (row 0, the floor): k-NN {100 * floor['knn_top1'][0]:.1f}, linear "
+              f"{100 * floor['linear_top1'][0]:.1f}; " if floor["n"] else "")
+             + f"BYOL-full: k-NN {100 * full['knn_top1'][0]:.1f} ± {100 * full['knn_top1'][1]:.1f}, linear "
+             f"{100 * full['linear_top1'][0]:.1f} ± {100 * full['linear_top1'][1]:.1f} ({full['n']} seeds)."]
     for row in (*FREE_PRIOR_ROWS, "rela-fmnist-byol"):
-        hit = next(((b, c) for b in sorted(budgets) if (c := summary["table"][row][b])["n"]
-                    and c["knn_top1"][0] >= k_mean - k_std and c["linear_top1"][0] >= l_mean - l_std), None)
+        hit = next(((b, c) for b in sorted(budgets) if reaches_full(summary, c := summary["table"][row][b])), None)
         if hit:
             b, c = hit
-            lines.append(f"{ROWS[row]}: reaches BYOL-full accuracy (k-NN {100 * c['knn_top1'][0]:.1f} vs "
-                         f"{100 * k_mean:.1f} ± {100 * k_std:.1f}, linear {100 * c['linear_top1'][0]:.1f} vs "
-                         f"{100 * l_mean:.1f} ± {100 * l_std:.1f}) at {b:.0%} of its steps, for "
-                         f"{c['cost_seconds'][0] / c_mean:.0%} of its wall-clock cost.")
-        else:
+            lines.append(f"{ROWS[row]}: reaches BYOL-full accuracy (k-NN {100 * c['knn_top1'][0]:.1f}, linear "
+                         f"{100 * c['linear_top1'][0]:.1f}; {c['n']} seeds) at {b:.0%} of its steps, for "
+                         + (f"{_pct(flops)} of its FLOPs ({_pct(cost_ratio(summary, c, 'seconds'))} of its "
+                            "wall-clock)." if (flops := cost_ratio(summary, c, 'flops')) is not None else
+                            f"{_pct(cost_ratio(summary, c, 'seconds'))} of its wall-clock cost."))
+        elif any(summary["table"][row][b]["n"] for b in budgets):
             lines.append(f"{ROWS[row]}: does not reach BYOL-full accuracy within its std at any budget tried.")
+    for b in budgets:
+        chosen, distill = summary["table"]["rela-random-same"][b], summary["table"]["distill-only"][b]
+        if chosen["n"] and distill["n"]:
+            gains = [100 * (chosen[m][0] - distill[m][0]) for m, _ in METRICS]
+            lines.append(f"Hand-over at {b:.0%}: ReLA with the switch vs distillation only: k-NN {gains[0]:+.1f}, "
+                         f"linear {gains[1]:+.1f} points.")
+    small = min(budgets)
+    for row in ("rela-random-same", "byol-subset"):
+        c = summary["table"][row][small]
+        if c["n"] and floor["n"]:
+            lines.append(f"{ROWS[row]} at {small:.0%}: captures {_pct(headroom(summary, c, 'knn_top1'))} (k-NN) / "
+                         f"{_pct(headroom(summary, c, 'linear_top1'))} (linear) of the floor-to-full headroom.")
     return lines
 
 
 def table_rows(summary: dict, budgets: list[float]) -> list[str]:
-    """One line per row: accuracy and relative cost per budget, bold where BYOL-full is reached."""
-    full = summary["full"]
-    k_lo = full["knn_top1"][0] - full["knn_top1"][1] if full["n"] else math.inf
-    l_lo = full["linear_top1"][0] - full["linear_top1"][1] if full["n"] else math.inf
+    """Accuracy per budget, bold where BYOL-full (mean - std) is reached on both metrics; floor and full below."""
+    lines = []
+    for row, label in ROWS.items():
+        cells = [accuracy(c["runs"]) if (c := summary["table"][row][b])["n"] else "-" for b in budgets]
+        cells = [f"**{t}**" if reaches_full(summary, summary["table"][row][b]) else t for t, b in zip(cells, budgets)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for name, c in (("0. No training (floor)", summary["floor"]), ("BYOL-full (100%)", summary["full"])):
+        if c["n"]:
+            lines.append(f"| {name} | {accuracy(c['runs'])} |" + " |" * (len(budgets) - 1))
+    return lines
+
+
+def cost_rows(summary: dict, budgets: list[float]) -> list[str]:
+    """Headroom captured and cost per budget: k-NN / linear headroom; FLOPs and wall-clock relative to BYOL-full."""
     lines = []
     for row, label in ROWS.items():
         cells = []
         for b in budgets:
             c = summary["table"][row][b]
-            if not c["n"]:
-                cells.append("-")
-                continue
-            text = f"{accuracy(c['runs'])} (cost {c['cost_seconds'][0] / full['cost_seconds'][0]:.2f})" if full["n"] else ""
-            beats = c["knn_top1"][0] >= k_lo and c["linear_top1"][0] >= l_lo
-            cells.append(f"**{text}**" if beats else text)
+            cells.append("-" if not c["n"] else
+                         f"{_pct(headroom(summary, c, 'knn_top1'))} / {_pct(headroom(summary, c, 'linear_top1'))}; "
+                         f"{_pct(cost_ratio(summary, c, 'flops'))} / {_pct(cost_ratio(summary, c, 'seconds'))}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    full = summary["full"]
     if full["n"]:
-        lines.append(f"| BYOL-full (100%) | {accuracy(full['runs'])} "
-                     f"(cost 1.00 = {full['cost_seconds'][0]:.0f} s) |" + " |" * (len(budgets) - 1))
+        flops = full["cost_flops"][0]
+        lines.append(f"| BYOL-full (100%) | 100% / 100%; 100% = {flops / 1e12:.1f} TFLOPs / "
+                     f"{full['cost_seconds'][0]:.0f} s |" + " |" * (len(budgets) - 1))
     return lines
 
 
@@ -256,8 +343,8 @@ def notes(grid: Grid, summary: dict) -> list[str]:
     if twice and full["n"]:
         gain = 100 * (mean_std([r["knn_top1"] for r in twice])[0] - full["knn_top1"][0])
         gain_l = 100 * (mean_std([r["linear_top1"] for r in twice])[0] - full["linear_top1"][0])
-        lines += ["", f"BYOL at 2E = {2 * args.full_epochs} epochs vs E: k-NN {gain:+.2f}, linear {gain_l:+.2f} points "
-                  f"({'E is full: < 1 point' if max(gain, gain_l) < 1 else 'E is NOT full: 2E adds >= 1 point'})."]
+        lines += ["", f"BYOL at 2E = {2 * args.full_epochs} epochs vs E ({len(twice)} / {full['n']} seeds): "
+                  f"k-NN {gain:+.2f}, linear {gain_l:+.2f} points (rule for a full E: < 1.0 k-NN and < 0.5 linear)."]
     switches = [r for r in runs if r["row"].startswith("rela-")]
     if switches:
         lines += ["", "Switch steps (ReLA rows): " + ", ".join(
@@ -278,10 +365,13 @@ def write_table(grid: Grid) -> None:
              f"({grid.full_steps} steps), batch {args.batch_size}, seeds {seeds}"
              + (f", VALIDATION on the last {args.holdout} training images" if args.holdout else ""), "",
              f"Command: `{grid.results.meta['command']}`", "",
-             "k-NN top-1 / linear top-1 (%, mean ± std over seeds); cost = training + bank seconds, "
-             "relative to BYOL-full. **Bold**: within BYOL-full's mean - std on both metrics.", "",
-             *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)),
-             *table_rows(summary, args.budgets), *notes(grid, summary),
+             "k-NN(200) top-1 / linear top-1 (%, mean ± std over seeds; one number: one seed). "
+             "**Bold**: within BYOL-full's mean - std on both metrics.", "",
+             *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)), *table_rows(summary, args.budgets), "",
+             "Headroom captured, (acc - floor) / (BYOL-full - floor), k-NN / linear; then cost relative to BYOL-full: "
+             "FLOPs (forward + backward of every network, bank extraction included) / wall-clock seconds.", "",
+             *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)), *cost_rows(summary, args.budgets),
+             *notes(grid, summary),
              "", "## Headline (computed)", "", *[f"- {h}" for h in headline(summary, args.budgets)]]
     write_report(lines, grid.results.path.with_suffix(".md"))
     plot_cost(grid, summary)
@@ -289,21 +379,24 @@ def write_table(grid: Grid) -> None:
 
 
 def plot_cost(grid: Grid, summary: dict) -> None:
-    """Accuracy against cost, one line per row, BYOL-full's mean ± std as a band."""
+    """Accuracy against FLOPs, one line per row; BYOL-full's mean ± std as a band, the floor as a line."""
     plt = pyplot()
-    full = summary["full"]
+    full, floor = summary["full"], summary["floor"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, metric, name in ((axes[0], "knn_top1", "k-NN"), (axes[1], "linear_top1", "linear")):
+    for ax, (metric, name) in zip(axes, METRICS):
         if full["n"]:
             m, s = full[metric]
             ax.axhspan(100 * (m - s), 100 * (m + s), color="grey", alpha=0.3, label="BYOL-full (mean ± std)")
+        if floor["n"]:
+            ax.axhline(100 * floor[metric][0], color="black", ls="--", lw=1, label="0. No training (floor)")
         for row, label in ROWS.items():
-            pts = [(c["cost_seconds"][0], 100 * c[metric][0], 100 * c[metric][1])
-                   for c in summary["table"][row].values() if c["n"]]
+            pts = [(c["cost_flops"][0], 100 * c[metric][0], 100 * c[metric][1])
+                   for c in summary["table"][row].values() if c["n"] and not math.isnan(c["cost_flops"][0])]
             if pts:
                 xs, ys, es = zip(*sorted(pts))
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-        ax.set_xlabel("cost: training + bank extraction (s, 2 CPU cores)")
+        ax.set_xscale("log")
+        ax.set_xlabel("cost: FLOPs of training + bank extraction")
         ax.set_ylabel(f"{name} top-1 (%)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
@@ -316,7 +409,7 @@ def plot_cost(grid: Grid, summary: dict) -> None:
 def plot_byol_curve(grid: Grid) -> None:
     """BYOL on all data against epochs: the runs of row 2 (fractions of E), E and 2E."""
     pts = sorted((r["images_seen"] / grid.n_train, r["knn_top1"], r["linear_top1"]) for r in grid.results.runs
-                 if r["row"] in ("byol-fewer-steps", "byol-full", f"byol-{2 * grid.args.full_epochs}ep"))
+                 if r["row"] in (FLOOR, "byol-fewer-steps", "byol-full", f"byol-{2 * grid.args.full_epochs}ep"))
     if not pts:
         return
     plt = pyplot()
@@ -330,7 +423,7 @@ def plot_byol_curve(grid: Grid) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(grid.results.path.parent / f"byol_curve{'_val' if grid.args.holdout else ''}.png", dpi=120)
+    fig.savefig(f"{grid.results.path.with_suffix('')}_byol_curve.png", dpi=120)
     plt.close(fig)
 
 

@@ -16,7 +16,7 @@ depend on the method.
 
 from __future__ import annotations
 
-import copy
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -33,16 +33,30 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
+@contextmanager
+def untouched(*modules: nn.Module | None):
+    """Run code on live modules and leave no trace: weights, buffers (batch-norm statistics), gradients
+    and the random state are restored afterwards. (Deep copies would be simpler, but weight-normed
+    heads such as DINO's cannot be deep-copied.)"""
+    modules = [m for m in modules if m is not None]
+    states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+    grads = [{n: p.grad for n, p in m.named_parameters()} for m in modules]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for m, state, grad in zip(modules, states, grads):
+            m.load_state_dict(state)
+            for n, p in m.named_parameters():
+                p.grad = grad[n]
+
+
 def step_flops_per_image(method: Method, rela: ReLAAccelerator | None, normalize: nn.Module,
                          images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Forward + backward FLOPs per image of a ReLA-phase step and of a method-phase step.
-
-    Runs on deep copies and restores the random state, so the training run is left untouched.
-    """
-    method, rela = copy.deepcopy(method), copy.deepcopy(rela)
+    """Forward + backward FLOPs per image of a ReLA-phase step and of a method-phase step (the run is left untouched)."""
     index = torch.arange(len(images), device=images.device)
     flops = {}
-    with torch.random.fork_rng(devices=[]):
+    with untouched(method, rela):
         if rela is not None:
             flops["rela"] = count_flops(
                 lambda: rela.step_loss(method.backbone, images, index, normalize)[0].backward()) / len(images)

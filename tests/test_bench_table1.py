@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 
@@ -32,28 +34,37 @@ def test_table1_grid_runs_resumes_and_reports_without_touching_the_readme(tmp_pa
     readme_before = (readme.read_bytes(), readme.stat().st_mtime_ns)
     done = _bench(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    data = json.loads((tmp_path / "res" / "table1.json").read_text())
+    data = json.loads((tmp_path / "res" / "table1_e1.json").read_text())
     rows = sorted((r["row"], r["budget"]) for r in data["runs"])
-    assert rows == [("byol-2ep", 2.0), ("byol-full", 1.0), ("byol-subset", 0.5), ("rela-random-same", 0.5)]
+    assert rows == [("byol-2ep", 2.0), ("byol-full", 1.0), ("byol-subset", 0.5), ("rela-random-same", 0.5),
+                    ("untrained", 0.0)]
     for r in data["runs"]:
         for key in ("prior", "seed", "knn_top1", "linear_top1", "wall_seconds", "steps", "images_seen",
-                    "switch_step", "cost_seconds"):
+                    "switch_step", "cost_seconds", "cost_flops", "train_flops"):
             assert key in r, key
-        assert 0 <= r["knn_top1"] <= 1 and r["steps"] > 0
+        assert 0 <= r["knn_top1"] <= 1 and (r["steps"] > 0) == (r["row"] != "untrained")
+    floor = next(r for r in data["runs"] if r["row"] == "untrained")
+    assert floor["train_flops"] == 0 and floor["images_seen"] == 0
+    byol = [r for r in data["runs"] if r["row"].startswith("byol")]
+    # FLOPs per image are the same for every BYOL run, so cost follows images seen exactly
+    assert len({r["train_flops"] / r["images_seen"] for r in byol}) == 1
+    rela_run = next(r for r in data["runs"] if r["row"] == "rela-random-same")
+    assert rela_run["bank_flops"] > 0 and rela_run["cost_flops"] == rela_run["train_flops"] + rela_run["bank_flops"]
     full = next(r for r in data["runs"] if r["row"] == "byol-full")
     assert full["steps"] == 2 and full["images_seen"] == 512  # 512 images, batch 256, one epoch
     rela = next(r for r in data["runs"] if r["row"] == "rela-random-same")
     assert rela["prior"] == "random" and rela["images_seen"] == 256  # half the data each epoch
     assert data["meta"]["command"].startswith("python benchmarks/table1.py --rows")
-    md = (tmp_path / "res" / "table1.md").read_text()
-    assert "## Headline (computed)" in md and "BYOL-full (100%)" in md
-    assert (tmp_path / "res" / "table1_cost.png").stat().st_size > 0
+    md = (tmp_path / "res" / "table1_e1.md").read_text()
+    assert "## Headline (computed)" in md and "BYOL-full (100%)" in md and "0. No training (floor)" in md
+    assert "No training (row 0, the floor)" in md and "of the floor-to-full headroom" in md
+    assert (tmp_path / "res" / "table1_e1_cost.png").stat().st_size > 0
     # a scratch run writes only where it was told: nothing in the working directory, README untouched
     assert list((tmp_path / "cwd").iterdir()) == []
     assert (readme.read_bytes(), readme.stat().st_mtime_ns) == readme_before
-    before = (tmp_path / "res" / "table1.json").read_text()
+    before = (tmp_path / "res" / "table1_e1.json").read_text()
     assert _bench(tmp_path).returncode == 0  # every cell is already in the JSON: nothing reruns
-    assert json.loads((tmp_path / "res" / "table1.json").read_text())["runs"] == json.loads(before)["runs"]
+    assert json.loads((tmp_path / "res" / "table1_e1.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
 def test_switch_sweep_needs_a_holdout(tmp_path):
@@ -73,7 +84,7 @@ def test_readme_tables_regenerates_only_the_marked_blocks(tmp_path):
     assert stale != text
     results = tmp_path / "benchmarks" / "results"  # the checkout's layout, so the README's links match
     results.mkdir(parents=True)
-    for name in ("table1.json", "methods.json", "theory_gaussian.json"):
+    for name in ("table1_e4.json", "methods.json", "theory_gaussian.json"):
         shutil.copy(BENCHMARKS / "results" / name, results)
     readme = tmp_path / "README.md"
     readme.write_text(stale)
@@ -89,3 +100,28 @@ def test_readme_tables_names_a_missing_block(tmp_path):
     readme.write_text((REPO / "README.md").read_text().replace("<!-- methods-table:end -->", ""))
     done = _script("readme_tables.py", "--readme", readme, cwd=tmp_path)
     assert done.returncode != 0 and "methods-table:end" in done.stderr
+
+
+def test_headroom_and_cost_are_relative_to_the_floor_and_byol_full():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import table1
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def run(row, budget, knn, linear, flops, seconds, seed=0):
+        return {"row": row, "budget": budget, "seed": seed, "knn_top1": knn, "linear_top1": linear,
+                "cost_flops": flops, "cost_seconds": seconds}
+
+    runs = [run("untrained", 0.0, 0.75, 0.82, 0.0, 0.0), run("byol-full", 1.0, 0.85, 0.88, 1e12, 1000.0),
+            run("rela-random-same", 0.1, 0.80, 0.86, 0.5e11, 80.0), run("byol-subset", 0.1, 0.70, 0.83, 1e11, 100.0)]
+    summary = table1.summarise(runs, [0.1])
+    rela_cell, byol_cell = summary["table"]["rela-random-same"][0.1], summary["table"]["byol-subset"][0.1]
+    assert table1.headroom(summary, rela_cell, "knn_top1") == pytest.approx(0.5)
+    assert table1.headroom(summary, rela_cell, "linear_top1") == pytest.approx(4 / 6)
+    assert table1.headroom(summary, byol_cell, "knn_top1") == pytest.approx(-0.5)  # below the floor
+    assert table1.cost_ratio(summary, rela_cell, "flops") == pytest.approx(0.05)
+    assert table1.cost_ratio(summary, rela_cell, "seconds") == pytest.approx(0.08)
+    assert not table1.reaches_full(summary, rela_cell)
+    lines = table1.headline(summary, [0.1])
+    assert any("captures 50% (k-NN) / 67% (linear)" in line for line in lines)
