@@ -16,9 +16,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import byol_convergence
 import methods
 import table1
-from common import REPO, RESULTS
+from common import REPO, RESULTS, ResultsFile
 from rela.io import load_json, save_text
 
 
@@ -33,6 +34,13 @@ def table1_headline(results: Path, readme: Path) -> list[str]:
             "", *[f"- {h}" for h in table1.headline(table1.summarise(runs, budgets), budgets)]]
 
 
+def byol_convergence_table(results: Path, readme: Path) -> list[str]:
+    path = results / "byol_convergence.json"
+    if not path.is_file():
+        raise FileNotFoundError(2, "missing", str(path))
+    return byol_convergence.table_lines(ResultsFile(path))
+
+
 def methods_table(results: Path, readme: Path) -> list[str]:
     return methods.table_lines(load_json(results / "methods.json")["runs"])
 
@@ -42,7 +50,7 @@ def theory_summary(results: Path, readme: Path) -> list[str]:
     return textwrap.wrap(summary, width=104, initial_indent="> ", subsequent_indent="> ", break_on_hyphens=False)
 
 
-BLOCKS = {"table1-headline": table1_headline, "methods-table": methods_table,
+BLOCKS = {"table1-headline": table1_headline, "byol-convergence": byol_convergence_table, "methods-table": methods_table,
           "theory-gaussian-summary": theory_summary}
 
 

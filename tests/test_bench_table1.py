@@ -84,7 +84,7 @@ def test_readme_tables_regenerates_only_the_marked_blocks(tmp_path):
     assert stale != text
     results = tmp_path / "benchmarks" / "results"  # the checkout's layout, so the README's links match
     results.mkdir(parents=True)
-    for name in ("table1_e4.json", "methods.json", "theory_gaussian.json"):
+    for name in ("table1_e4.json", "byol_convergence.json", "methods.json", "theory_gaussian.json"):
         shutil.copy(BENCHMARKS / "results" / name, results)
     readme = tmp_path / "README.md"
     readme.write_text(stale)
