@@ -22,10 +22,10 @@ from typing import NamedTuple
 
 import torch
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from rela.data.augment import ViewAugment
+from rela.schedules import momentum_schedule
 
 
 class MethodOutput(NamedTuple):
@@ -43,6 +43,7 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self._momentum_pairs: list[tuple[str, str]] = []
         self.momentum_range = (0.99, 1.0)
+        self.momentum_schedule = momentum_schedule("cosine")  # rela.build sets the run's --momentum-schedule
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> MethodOutput:
         raise NotImplementedError
@@ -69,13 +70,14 @@ class Method(nn.Module):
             self._momentum_pairs.append((name, f"{name}_momentum"))
         self.momentum_range = momentum
 
-    def update_momentum(self, step: int, max_steps: int) -> None:
-        """EMA update with lightly's cosine momentum schedule; methods without copies do nothing."""
+    def update_momentum(self, step: int, max_steps: int) -> float | None:
+        """EMA update with the momentum schedule; returns the weight used (None: no momentum copies)."""
         if not self._momentum_pairs:
-            return
-        m = cosine_schedule(step, max_steps, *self.momentum_range)
+            return None
+        m = self.momentum_schedule(step, max_steps, *self.momentum_range)
         for online, ema in self._momentum_pairs:
             update_momentum(getattr(self, online), getattr(self, ema), m)
+        return m
 
     @torch.no_grad()
     def embed_momentum(self, x: torch.Tensor) -> torch.Tensor:
