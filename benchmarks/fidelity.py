@@ -76,13 +76,12 @@ def row_fields(row: str) -> dict:
     return {name: preset[name] for name in DEVIATIONS[row]}
 
 
-def cell_config(args, out: Path, seed: int, **fields) -> TrainConfig:
-    """The Table 1 cell of ``args`` (20% by default) with ``fields`` over it."""
+def cell_config(args, out: Path, seed: int, *, ratio: float, holdout: int | None, **fields) -> TrainConfig:
+    """A Table 1 cell (budget ``ratio`` of ``args.epochs`` epochs, ReLA + random prior) with ``fields`` over it."""
     switch = {"switch": args.switch} if args.switch else {}
     return config(**{"dataset": "fashion-mnist", "backbone": "convnet", "prior": "random", "batch_size": args.batch_size,
-                     "ratio": args.ratio, "epochs": args.epochs, "holdout": args.holdout,
-                     "train_limit": args.train_limit, "test_limit": args.test_limit, "probe_every": 0,
-                     "progress": False, **fields, **switch, "seed": seed, "out": str(out)})
+                     "ratio": ratio, "epochs": args.epochs, "holdout": holdout, "train_limit": args.train_limit,
+                     "test_limit": args.test_limit, "probe_every": 0, "progress": False, **fields, **switch, "seed": seed, "out": str(out)})
 
 
 def results_file(args, script: str, meta: dict, holdout: int | None = None) -> ResultsFile:
@@ -98,7 +97,8 @@ def run_grid(args, results: ResultsFile) -> None:
     for seed in args.seeds:
         for row in args.rows:
             fields = row_fields(row)
-            cfg = cell_config(args, args.runs_dir / f"{row}-s{seed}", seed, **fields)
+            cfg = cell_config(args, args.runs_dir / f"{row}-s{seed}", seed, ratio=args.ratio, holdout=args.holdout,
+                              **fields)
             run_cell(results, {"row": row, "seed": seed}, cfg, RECORDED, f"[fidelity] {row} seed={seed}",
                      extra={"fields": fields, "out": shown(cfg.out)})
 

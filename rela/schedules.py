@@ -48,9 +48,14 @@ def _cosine_momentum() -> Callable[[int, int, float, float], float]:
     return cosine_schedule
 
 
+def constant_schedule(step: int, max_steps: int, start: float, end: float) -> float:
+    """The momentum schedule that stays at ``start``."""
+    return start
+
+
 @MOMENTUM_SCHEDULES.register("constant", help="the method's start value throughout (the authors' BYOL: 0.99)")
 def _constant_momentum() -> Callable[[int, int, float, float], float]:
-    return lambda step, max_steps, start, end: start
+    return constant_schedule
 
 
 def lr_factor(name: str, *, total: int, warmup: int) -> Callable[[int], float]:

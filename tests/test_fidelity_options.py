@@ -43,6 +43,7 @@ class Recorder(Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.lr.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.lam.append(module.rela.switch.weight(trainer.current_epoch) if module.rela is not None else 0.0)
         self._online = self._params(module.method.backbone)
         self._ema = self._params(module.method.backbone_momentum)
         module.views_used = ()
@@ -54,9 +55,8 @@ class Recorder(Callback):
         den = torch.cat([(self._ema[k] - self._online[k]).flatten() for k in ema])
         keep = den.abs() > 1e-4
         self.momentum.append(float((num[keep] / den[keep]).median()) if keep.any() else None)
-        self.lam.append(module.rela.switch.weight(trainer.current_epoch) if module.rela is not None else 0.0)
-        views = module.views_used
-        self.rela_views.append(None if not views else all(v is module.rela.view for v in views))
+        views, rela = module.views_used, module.rela
+        self.rela_views.append(None if not views else rela is not None and all(v is rela.view for v in views))
 
     def on_train_end(self, trainer, module):
         self.end = self._params(module)
