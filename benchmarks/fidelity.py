@@ -19,7 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown, table_head, write_report
+from common import (ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown, table_head,
+                    write_report)
 from rela.config import TrainConfig
 from rela.registry import PRESETS
 
@@ -79,9 +80,10 @@ def row_fields(row: str) -> dict:
 def cell_config(args, out: Path, seed: int, *, ratio: float, holdout: int | None, **fields) -> TrainConfig:
     """A Table 1 cell (budget ``ratio`` of ``args.epochs`` epochs, ReLA + random prior) with ``fields`` over it."""
     switch = {"switch": args.switch} if args.switch else {}
-    return config(**{"dataset": "fashion-mnist", "backbone": "convnet", "prior": "random", "batch_size": args.batch_size,
-                     "ratio": ratio, "epochs": args.epochs, "holdout": holdout, "train_limit": args.train_limit,
-                     "test_limit": args.test_limit, "probe_every": 0, "progress": False, **fields, **switch, "seed": seed, "out": str(out)})
+    return config(**{"dataset": "fashion-mnist", "backbone": "convnet", "prior": "random",
+                     "batch_size": args.batch_size, "ratio": ratio, "epochs": args.epochs, "holdout": holdout,
+                     "train_limit": args.train_limit, "test_limit": args.test_limit, "probe_every": 0,
+                     "progress": False, **fields, **switch, "seed": seed, "out": str(out)})
 
 
 def results_file(args, script: str, meta: dict, holdout: int | None = None) -> ResultsFile:
@@ -89,7 +91,8 @@ def results_file(args, script: str, meta: dict, holdout: int | None = None) -> R
     suffix = f"_val{holdout}" if holdout else ""
     return ResultsFile(args.results / f"{Path(script).stem}{suffix}.json",
                        meta={"dataset": "fashion-mnist", "backbone": "convnet", "batch_size": args.batch_size,
-                             "epochs": args.epochs, "train_limit": args.train_limit, "test_limit": args.test_limit, **meta},
+                             "epochs": args.epochs, "train_limit": args.train_limit, "test_limit": args.test_limit,
+                             **meta},
                        command=None if args.report_only else command(script, args.argv))
 
 

@@ -69,7 +69,7 @@ class TrainConfig:
     bank_dtype: str = "float16"  # float32 doubles the bank's size for features beyond fp16 range/precision
     target_variance: float = 1.0  # keep the top components explaining this share of the prior's variance (1: all m)
     transfer_head: str = "trained"  # trained | frozen (the authors' code leaves it out of the optimiser)
-    switch_aug_at: str = "step"  # step: the method's views from the first step after the switch; epoch: from the next epoch
+    switch_aug_at: str = "step"  # the method's views after the switch from its next step, or its next epoch
     # budget and optimisation
     ratio: float = 1.0
     epochs: int = 10

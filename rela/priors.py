@@ -116,8 +116,8 @@ def _random_prior(arch: str | None, *, learner_arch: str, channels: int, image_s
 
 
 @PRIORS.register("learner-init", help="a copy of the learner's own initial weights (the authors' random prior)")
-def _learner_init_prior(*, learner: nn.Module | None = None, learner_arch: str, channels: int, image_size: int, mean, std,
-                        **_) -> Prior:
+def _learner_init_prior(*, learner: nn.Module | None = None, learner_arch: str, channels: int, image_size: int,
+                        mean, std, **_) -> Prior:
     if learner is None:
         raise RelaError("prior 'learner-init' copies the learner of a training run; here there is none "
                         "(use random[:ARCH] for a random network)")

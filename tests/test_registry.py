@@ -17,7 +17,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # train flag -> (registry, TrainConfig field)
 FLAGS = {"--dataset": (DATASETS, "dataset"), "--backbone": (BACKBONES, "backbone"), "--method": (METHODS, "method"),
          "--prior": (PRIORS, "prior"), "--switch": (SWITCHES, "switch"), "--bank-dtype": (BANK_DTYPES, "bank_dtype"),
-         "--lr-schedule": (LR_SCHEDULES, "lr_schedule"), "--momentum-schedule": (MOMENTUM_SCHEDULES, "momentum_schedule")}
+         "--lr-schedule": (LR_SCHEDULES, "lr_schedule"),
+         "--momentum-schedule": (MOMENTUM_SCHEDULES, "momentum_schedule")}
 
 
 def train_help(capsys) -> str:
