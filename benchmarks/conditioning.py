@@ -18,17 +18,15 @@ the explained variance of the targets.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from common import add_output_args, fmt, mean_std, run_cell, shown, table_head, write_report
-from fidelity import RECORDED, accuracy_cells, cell_config, results_file
+from common import fmt, mean_std, run_cell, shown, table_head, write_report
+from fidelity import RECORDED, accuracy_cells, cell_config, cell_parser, parse, results_file
 
 DEFAULT = (1.0, "float16")  # target_variance, bank_dtype: rela's defaults today
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="benchmarks/conditioning.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cell_parser("conditioning.py", __doc__)
     p.add_argument("--stage", choices=("holdout", "test", "both"), default="both")
     p.add_argument("--variances", type=float, nargs="+", default=[0.9, 0.99, 0.999, 1.0])
     p.add_argument("--dtypes", nargs="+", default=["float16", "float32"])
@@ -36,16 +34,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--holdout", type=int, default=10000, help="stage 1 evaluates on the last N training images")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="stage 2's seeds (stage 1: the first)")
     p.add_argument("--margin", type=float, default=0.5, help="points the best must gain over today's default")
-    p.add_argument("--epochs", type=int, default=4, help="E, the epochs of BYOL-full")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--switch", default=None, help="switch of every run (default: rela's default)")
-    add_output_args(p, runs="conditioning")
-    p.add_argument("--train-limit", type=int, default=None, help="smoke tests: use only the first N training images")
-    p.add_argument("--test-limit", type=int, default=None, help="smoke tests: evaluate on the first N test images")
-    p.add_argument("--report-only", action="store_true")
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args
+    return parse(p, argv)
 
 
 def run(args, results, variance: float, dtype: str, ratio: float, seed: int, holdout: int | None) -> dict:

@@ -43,24 +43,34 @@ PORT = {"authors' ReLA, random prior (port)": (77.8, 82.0, 84.4),
         "authors' ReLA, transfer head trainable (port)": (80.3, 84.2, 85.9)}
 
 
-def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="benchmarks/fidelity.py", description=__doc__,
+def cell_parser(script: str, doc: str) -> argparse.ArgumentParser:
+    """The options of the cell both fidelity.py and conditioning.py train: epochs, batch, switch, outputs, limits."""
+    p = argparse.ArgumentParser(prog=f"benchmarks/{script}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--ratio", type=float, default=0.2, help="the budget: share of the images drawn per epoch")
     p.add_argument("--epochs", type=int, default=4, help="E, the epochs of BYOL-full")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--switch", default=None, help="switch of every row (default: rela's default, adaptive, "
+    p.add_argument("--switch", default=None, help="switch of every run (default: rela's default, adaptive, "
                                                    "which is also the authors')")
-    p.add_argument("--holdout", type=int, default=None, help="validation mode: evaluate on the last N train images")
-    add_output_args(p, runs="fidelity")
+    add_output_args(p, runs=Path(script).stem)
     p.add_argument("--train-limit", type=int, default=None, help="smoke tests: use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="smoke tests: evaluate on the first N test images")
     p.add_argument("--report-only", action="store_true")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
+
+
+def parse_args(argv: list[str] | None = None):
+    p = cell_parser("fidelity.py", __doc__)
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--ratio", type=float, default=0.2, help="the budget: share of the images drawn per epoch")
+    p.add_argument("--holdout", type=int, default=None, help="validation mode: evaluate on the last N train images")
+    return parse(p, argv)
 
 
 def preset_fields() -> dict:
