@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 from common import fmt, mean_std, run_cell, shown, table_head, write_report
-from fidelity import RECORDED, accuracy_cells, cell_config, cell_parser, parse, results_file
+from fidelity import RECORDED, accuracy_cells, cell_config, cell_parser, parse, results_file, suffix
 
 DEFAULT = (1.0, "float16")  # target_variance, bank_dtype: rela's defaults today
 
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def run(args, results, variance: float, dtype: str, ratio: float, seed: int, holdout: int | None) -> dict:
-    name = f"q{variance}-{dtype}-r{ratio}-s{seed}" + (f"-val{holdout}" if holdout else "")
+    name = f"q{variance}-{dtype}-r{ratio}-s{seed}{suffix(args, holdout)}"
     cfg = cell_config(args, args.runs_dir / name, seed, ratio=ratio, holdout=holdout, target_variance=variance,
                       bank_dtype=dtype)
     key = {"target_variance": variance, "bank_dtype": dtype, "ratio": ratio, "seed": seed}

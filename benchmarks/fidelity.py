@@ -10,7 +10,11 @@ Rows: ``defaults`` (rela's TrainConfig defaults), ``authors`` (rela/presets/auth
 once) and one row per deviation switched on alone over the defaults (DEVIATIONS: which preset fields
 it sets). Every run is evaluated on the test split (k-NN 200 and 20, linear probe); finished runs are kept
 in fidelity.json and skipped, so the grid runs in pieces. Writes fidelity.json / .md under --results
-(fidelity_val<N>.* with --holdout N).
+(fidelity_<switch>.* with --switch, e.g. fidelity_constant0.75.*; fidelity_val<N>.* with --holdout N).
+
+With rela's and the authors' adaptive switch nothing hands over within 184 steps (see the Table 1 notes), so
+the rows that change only the base method's phase (constant-momentum, byol-hidden-256, switch-aug-next-epoch)
+can differ from `defaults` only by noise; ``--switch constant:0.75`` (Table 1's switch) measures them.
 """
 
 from __future__ import annotations
@@ -96,10 +100,14 @@ def cell_config(args, out: Path, seed: int, *, ratio: float, holdout: int | None
                      "progress": False, **fields, **switch, "seed": seed, "out": str(out)})
 
 
+def suffix(args, holdout: int | None) -> str:
+    """What tells a grid's files apart: ``_<switch>`` for a --switch, ``_val<N>`` on a holdout split."""
+    return (f"_{args.switch.replace(':', '')}" if args.switch else "") + (f"_val{holdout}" if holdout else "")
+
+
 def results_file(args, script: str, meta: dict, holdout: int | None = None) -> ResultsFile:
-    """``NAME.json`` (``NAME_val<N>.json`` on a holdout split) of the benchmark ``script``, under --results."""
-    suffix = f"_val{holdout}" if holdout else ""
-    return ResultsFile(args.results / f"{Path(script).stem}{suffix}.json",
+    """``NAME<suffix>.json`` of the benchmark ``script``, under --results."""
+    return ResultsFile(args.results / f"{Path(script).stem}{suffix(args, holdout)}.json",
                        meta={"dataset": "fashion-mnist", "backbone": "convnet", "batch_size": args.batch_size,
                              "epochs": args.epochs, "train_limit": args.train_limit, "test_limit": args.test_limit,
                              **meta},
@@ -110,7 +118,7 @@ def run_grid(args, results: ResultsFile) -> None:
     for seed in args.seeds:
         for row in args.rows:
             fields = row_fields(row)
-            cfg = cell_config(args, args.runs_dir / f"{row}-s{seed}", seed, ratio=args.ratio, holdout=args.holdout,
+            cfg = cell_config(args, args.runs_dir / f"{row}-s{seed}{suffix(args, args.holdout)}", seed, ratio=args.ratio, holdout=args.holdout,
                               **fields)
             run_cell(results, {"row": row, "seed": seed}, cfg, RECORDED, f"[fidelity] {row} seed={seed}",
                      extra={"fields": fields, "out": shown(cfg.out)})
