@@ -294,9 +294,12 @@ class ReLAAccelerator(nn.Module):
     """Transfer head + targets + switch: everything ReLA adds to a base method."""
 
     def __init__(self, feature_dim: int, targets: torch.Tensor, switch: Switch,
-                 view: ViewAugment = RELA_VIEW):
+                 view: ViewAugment = RELA_VIEW, train_transfer: bool = True):
         super().__init__()
         self.transfer = nn.Linear(feature_dim, targets.shape[1])
+        # False: a fixed random map, left out of the optimiser (which takes only what requires grad),
+        # as in the authors' code (--transfer-head frozen)
+        self.transfer.requires_grad_(train_transfer)
         # The targets are rebuilt from the cached bank on resume, so they stay out of checkpoints.
         self.register_buffer("targets", targets, persistent=False)
         self.switch = switch

@@ -19,9 +19,10 @@ from rela.backbones import build_backbone
 from rela.bank import load_or_extract
 from rela.config import TrainConfig
 from rela.data import ImageDataset, load_dataset
-from rela.methods import Method, build_method
 from rela.flops import prior_flops_per_image
+from rela.methods import Method, build_method
 from rela.priors import Prior, build_prior
+from rela.schedules import momentum_schedule
 from rela.targets import transport
 
 
@@ -38,10 +39,18 @@ def load_data(cfg: TrainConfig, split: str) -> ImageDataset:
 
 
 def prior_for(spec: str, data: ImageDataset, *, learner_arch: str, seed: int,
-              weights: str | None = None) -> Prior | None:
-    """The prior ``spec`` names, seeing ``data`` as the learner does (a random prior gets its size and normalisation)."""
+              weights: str | None = None, learner: torch.nn.Module | None = None) -> Prior | None:
+    """The prior ``spec`` names, seeing ``data`` as the learner does (a random prior gets its size and normalisation).
+
+    ``learner``: the learner's backbone before training, which ``learner-init`` copies.
+    """
     return build_prior(spec, learner_arch=learner_arch, channels=data.channels, image_size=data.image_size,
-                       mean=data.mean, std=data.std, seed=seed, weights=weights)
+                       mean=data.mean, std=data.std, seed=seed, weights=weights, learner=learner)
+
+
+def method_options(cfg: TrainConfig) -> dict:
+    """The base method's keyword options: ``extra``, plus ``hidden_dim`` when the field is set."""
+    return {**cfg.extra, **({"hidden_dim": cfg.hidden_dim} if cfg.hidden_dim is not None else {})}
 
 
 @dataclass
@@ -66,18 +75,20 @@ def prepare(cfg: TrainConfig) -> Prepared:
     test_set = load_data(cfg, "test") if cfg.probe_every else None
     # 2. learner + base method
     backbone, feature_dim = build_backbone(cfg.backbone, train_set.channels, train_set.image_size)
-    method = build_method(cfg.method, backbone, feature_dim, train_set.num_classes, **cfg.extra)
+    method = build_method(cfg.method, backbone, feature_dim, train_set.num_classes, **method_options(cfg))
+    method.momentum_schedule = momentum_schedule(cfg.momentum_schedule)
     # 3. prior -> bank -> targets -> accelerator
     prior = prior_for(cfg.prior, train_set, learner_arch=cfg.backbone, weights=cfg.prior_weights,
-                      seed=cfg.seed + 1 if cfg.prior_seed is None else cfg.prior_seed)
-    rela, info = None, {"bank_seconds": 0.0}
+                      seed=cfg.seed + 1 if cfg.prior_seed is None else cfg.prior_seed, learner=backbone)
+    rela, info = None, {"bank_seconds": 0.0, "target_dim": None, "target_explained_variance": None}
     if prior is not None:
         raw, info = load_or_extract(prior, train_set, cache_dir=cfg.cache_dir, path=cfg.bank, device=device,
                                     progress=cfg.progress, dtype=cfg.bank_dtype)
-        targets = transport(raw, min(feature_dim, raw.shape[1]))
+        targets = transport(raw, min(feature_dim, raw.shape[1]), variance=cfg.target_variance)
         info.update(prior_name=prior.name, target_dim=targets.values.shape[1],
                     bank_flops=len(train_set) * prior_flops_per_image(
                         prior.model, (prior.channels, prior.input_size, prior.input_size)),
                     target_explained_variance=targets.explained_variance)
-        rela = ReLAAccelerator(feature_dim, targets.values, build_switch(cfg.switch))
+        rela = ReLAAccelerator(feature_dim, targets.values, build_switch(cfg.switch),
+                               train_transfer=cfg.transfer_head == "trained")
     return Prepared(train_set, test_set, method, rela, feature_dim, info, device)

@@ -11,9 +11,10 @@ import dataclasses
 import json
 import sys
 
-from rela.config import TrainConfig
+from rela.config import SWITCH_AUG_AT, TRANSFER_HEADS, TrainConfig, read_yaml
 from rela.errors import RelaError
-from rela.registry import BACKBONES, BANK_DTYPES, DATASETS, METHODS, PRIORS, SWITCHES, Registry
+from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES, PRESETS,
+                           PRIORS, SWITCHES, Registry)
 
 # CLI flag -> (type, help); a registry as help lists its names. Flags left out keep the config
 # file's or the default value.
@@ -33,6 +34,12 @@ TRAIN_FLAGS = {
     "--bank": (str, "explicit bank file (default: content-keyed file in --cache-dir)"),
     "--cache-dir": (str, "folder for cached representation banks"),
     "--bank-dtype": (str, BANK_DTYPES),
+    "--target-variance": (float, "keep the top target components explaining this share of the prior's variance, "
+                                 "in (0, 1]; 1: all min(d, k)"),
+    "--transfer-head": (str, f"{' | '.join(TRANSFER_HEADS)}: train the ReLA transfer head, or keep it a fixed "
+                             "random map (the authors' code)"),
+    "--switch-aug-at": (str, f"{' | '.join(SWITCH_AUG_AT)}: the base method's augmentations replace ReLA's from the "
+                             "first step after the switch, or from the next epoch (the authors' code)"),
     "--ratio": (float, "fraction of the data drawn afresh every epoch, in (0, 1]"),
     "--epochs": (int, "number of epochs (each over ratio * N images)"),
     "--max-steps": (int, "stop after this many optimizer steps (LR schedule spans them); 0: no training, the learner as initialised"),
@@ -40,6 +47,9 @@ TRAIN_FLAGS = {
     "--lr": (float, "peak AdamW learning rate (cosine schedule over the run's steps)"),
     "--weight-decay": (float, "AdamW weight decay"),
     "--warmup": (float, "fraction of steps for linear LR warm-up"),
+    "--lr-schedule": (str, LR_SCHEDULES),
+    "--momentum-schedule": (str, MOMENTUM_SCHEDULES),
+    "--hidden-dim": (int, "hidden width of the base method's heads (default: the method's own, BYOL 1024)"),
     "--seed": (int, "seed for everything (CPU runs repeat exactly)"),
     "--out": (str, "output folder"),
     "--accelerator": (str, "auto | cpu | gpu"),
@@ -52,6 +62,7 @@ TRAIN_FLAGS = {
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help=f"a shipped configuration, under --config and flags: {PRESETS.choices_help()}")
     p.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
     for flag, (kind, help_text) in TRAIN_FLAGS.items():
         if isinstance(help_text, Registry):
@@ -69,7 +80,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    fields = PRESETS.create(args.preset) if args.preset else {}
+    fields.update(read_yaml(args.config) if args.config else {})
+    source = " + ".join(s for s in (args.preset and f"preset {args.preset}", args.config) if s) or "config"
+    cfg = TrainConfig.from_dict(fields, source=source)
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     return dataclasses.replace(cfg, **overrides)

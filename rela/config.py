@@ -15,10 +15,13 @@ import torch
 import yaml
 
 from rela.errors import RelaError, unknown
-from rela.registry import BACKBONES, BANK_DTYPES, DATASETS, METHODS, PRIORS, SWITCHES
+from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES, PRESETS,
+                           PRIORS, SWITCHES)
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed")
+TRANSFER_HEADS = ("trained", "frozen")  # frozen: a fixed random linear map, as in the authors' code
+SWITCH_AUG_AT = ("step", "epoch")  # when the base method's augmentations replace ReLA's after the switch
 
 
 def _coerce(value, hint, where: str):
@@ -64,6 +67,9 @@ class TrainConfig:
     bank: str | None = None  # explicit bank file; default: a content-keyed file under cache_dir
     cache_dir: str = ".cache/rela"
     bank_dtype: str = "float16"  # float32 doubles the bank's size for features beyond fp16 range/precision
+    target_variance: float = 1.0  # keep the top components explaining this share of the prior's variance (1: all m)
+    transfer_head: str = "trained"  # trained | frozen (the authors' code leaves it out of the optimiser)
+    switch_aug_at: str = "step"  # the method's views after the switch from its next step, or its next epoch
     # budget and optimisation
     ratio: float = 1.0
     epochs: int = 10
@@ -73,6 +79,9 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup: float = 0.02  # fraction of all steps
+    lr_schedule: str = "cosine"  # after the warm-up: cosine decay to 0, or constant (see rela.schedules)
+    momentum_schedule: str = "cosine"  # EMA weight of momentum networks: cosine from start to end, or constant start
+    hidden_dim: int | None = None  # hidden width of the method's heads (None: the method's default, BYOL 1024)
     # run
     seed: int = 0
     out: str = "runs/rela"
@@ -94,7 +103,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RelaError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("train_limit", "test_limit", "image_size", "holdout", "max_steps"):
+        for name in ("train_limit", "test_limit", "image_size", "holdout", "max_steps", "hidden_dim"):
             value, least = getattr(self, name), 0 if name == "max_steps" else 1
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 raise RelaError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -105,9 +114,17 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise RelaError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.hidden_dim is not None and "hidden_dim" in self.extra:
+            raise RelaError("hidden_dim is set twice: as a field and in extra; keep one")
+        if not isinstance(self.target_variance, (int, float)) or not 0 < self.target_variance <= 1:
+            raise RelaError(f"target_variance must be in (0, 1], got {self.target_variance!r}")
         for registry, value in ((DATASETS, self.dataset), (BACKBONES, self.backbone), (METHODS, self.method),
-                                (PRIORS, self.prior), (SWITCHES, self.switch), (BANK_DTYPES, self.bank_dtype)):
+                                (PRIORS, self.prior), (SWITCHES, self.switch), (BANK_DTYPES, self.bank_dtype),
+                                (LR_SCHEDULES, self.lr_schedule), (MOMENTUM_SCHEDULES, self.momentum_schedule)):
             registry.check(value)
+        for name, choices in (("transfer_head", TRANSFER_HEADS), ("switch_aug_at", SWITCH_AUG_AT)):
+            if getattr(self, name) not in choices:
+                raise unknown(name, getattr(self, name), choices)
         if self.accelerator not in ACCELERATORS:
             raise unknown("accelerator", self.accelerator, ACCELERATORS)
         if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -131,15 +148,25 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise RelaError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise RelaError(f"config file {path} is not valid YAML: {e}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise RelaError(f"config file {path} must hold a mapping of field: value")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml(path), source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str, **fields) -> "TrainConfig":
+        """The shipped preset ``name`` (:data:`rela.registry.PRESETS`, e.g. ``authors``), then ``fields`` over it."""
+        return cls.from_dict({**PRESETS.create(name), **fields}, source=f"preset {name}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping of field: value in a YAML config file (empty file: no fields)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RelaError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise RelaError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RelaError(f"config file {path} must hold a mapping of field: value")
+    return data

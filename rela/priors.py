@@ -6,6 +6,8 @@ trained: its input size, normalisation and channel count. Names:
 - ``none``: no prior, plain training (the baseline);
 - ``random`` / ``random:<arch>``: a randomly initialised backbone (own seed);
   ``random`` alone means the learner's own architecture;
+- ``learner-init``: a frozen copy of the learner's own backbone before training (the authors'
+  "rand" prior); only where a learner exists (``rela train``: the ``learner`` option);
 - ``checkpoint:PATH``: a backbone saved by ``rela train`` (``backbone.pt``);
 - ``torchvision:<name>`` / ``timm:<name>``: the library's pretrained weights by
   name when online, or a local state_dict file given as ``weights``;
@@ -18,11 +20,12 @@ trained: its input size, normalisation and channel count. Names:
 Any other ``torch.nn.Module`` becomes a prior with :meth:`Prior.from_module`.
 The names are registered in :data:`rela.registry.PRIORS`; every factory takes the
 learner's data description as keyword options (``learner_arch``, ``channels``,
-``image_size``, ``mean``, ``std``, ``seed``, ``weights``) and uses what it needs.
+``image_size``, ``mean``, ``std``, ``seed``, ``weights``, ``learner``) and uses what it needs.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,10 +88,10 @@ class Prior:
 
 
 def build_prior(spec: str, *, learner_arch: str, channels: int, image_size: int,
-                mean, std, seed: int = 0, weights: str | None = None) -> Prior | None:
-    """Turn a prior name into a :class:`Prior` (``None`` for ``none``)."""
+                mean, std, seed: int = 0, weights: str | None = None, learner: nn.Module | None = None) -> Prior | None:
+    """Turn a prior name into a :class:`Prior` (``None`` for ``none``); ``learner``: the untrained learner backbone."""
     return PRIORS.create(spec, learner_arch=learner_arch, channels=channels, image_size=image_size,
-                         mean=mean, std=std, seed=seed, weights=weights)
+                         mean=mean, std=std, seed=seed, weights=weights, learner=learner)
 
 
 @PRIORS.register("none", help="no prior: the plain base method")
@@ -110,6 +113,15 @@ def _random_prior(arch: str | None, *, learner_arch: str, channels: int, image_s
         torch.manual_seed(seed)
         model, _ = build_backbone(arch, channels, image_size)
     return Prior(f"random:{arch}:seed{seed}", model, image_size, tuple(mean), tuple(std), channels)
+
+
+@PRIORS.register("learner-init", help="a copy of the learner's own initial weights (the authors' random prior)")
+def _learner_init_prior(*, learner: nn.Module | None = None, learner_arch: str, channels: int, image_size: int,
+                        mean, std, **_) -> Prior:
+    if learner is None:
+        raise RelaError("prior 'learner-init' copies the learner of a training run; here there is none "
+                        "(use random[:ARCH] for a random network)")
+    return Prior(f"learner-init:{learner_arch}", copy.deepcopy(learner), image_size, tuple(mean), tuple(std), channels)
 
 
 def load_backbone_file(path: str | Path) -> dict:

@@ -34,12 +34,22 @@ def _block64(features, a: int, b: int) -> torch.Tensor:
     return torch.from_numpy(np.array(features[a:b], dtype=np.float64))
 
 
-def transport(features, m: int) -> Targets:
+def kept_components(eigvals: torch.Tensor, variance: float) -> int:
+    """The fewest top components (eigenvalues in any order) explaining ``variance`` of the total; all at 1."""
+    values = eigvals.clamp_min(0).sort(descending=True).values
+    if variance >= 1 or values.sum() <= 0:
+        return len(values)
+    share = values.cumsum(0) / values.sum()
+    return min(int((share < variance).sum()) + 1, len(values))
+
+
+def transport(features, m: int, variance: float = 1.0) -> Targets:
     """Center, project on the top-m principal components, standardise each component.
 
     ``features`` (N x k tensor or array, e.g. a memory-mapped bank) is read in blocks; the mean
     and covariance are merged over blocks in float64 (Chan et al.'s pairwise update, which
-    keeps the precision of a two-pass computation).
+    keeps the precision of a two-pass computation). ``variance`` < 1 keeps fewer than m: the
+    fewest top components that explain that share of the features' variance (1: all m).
     """
     n, k = features.shape
     mean = torch.zeros(k, dtype=torch.float64)
@@ -57,7 +67,7 @@ def transport(features, m: int) -> Targets:
         seen += b - a
     cov = scatter / max(n - 1, 1)
     eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
-    m = min(m, k)
+    m = min(m, k, kept_components(eigvals, variance))
     top = eigvecs[:, -m:].flip(1)  # descending variance
     z = torch.empty(n, m, dtype=torch.float32)
     z_sum = torch.zeros(m, dtype=torch.float64)

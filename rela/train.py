@@ -9,7 +9,6 @@ and ``metrics.json`` (budget: optimizer steps, images seen, seconds, switch step
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import warnings
@@ -39,6 +38,7 @@ from rela.hardware import keep_freed_memory
 from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
 from rela.methods import Method
 from rela.priors import BACKBONE_FILE_FORMAT
+from rela.schedules import lr_factor
 
 PROBE_TRAIN_IMAGES, PROBE_TEST_IMAGES = 5000, 2000
 # Test hook: seconds to pause inside every checkpoint write, after the temporary file is written and
@@ -92,6 +92,8 @@ class ReLAModule(L.LightningModule):
         self._sampler_state: dict | None = None
         self.wall_start = time.perf_counter()
         self.wall_before = 0.0  # wall seconds spent by earlier processes of a resumed run
+        self.ssl_start_epoch: int | None = None  # epoch of the first step with the base method's loss
+        self.views_used: tuple = ()  # the augmentations of the last base-method step (see ssl_views)
 
     # --- data -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -120,15 +122,16 @@ class ReLAModule(L.LightningModule):
         x, y = self.images[index], self.labels[index]
         progress = self.progress()
         step, max_steps = progress.step, progress.total_steps
-        self.method.update_momentum(step, max_steps)  # in the ReLA phase too (spec step 4)
+        momentum = self.method.update_momentum(step, max_steps)  # in the ReLA phase too (spec step 4)
         lam = self.rela.switch.weight(progress) if self.rela is not None else 0.0
-        loss, logs, rela_loss = 0.0, {"lambda": lam}, None
+        loss, logs, rela_loss = 0.0, {"lambda": lam, **({"momentum": momentum} if momentum is not None else {})}, None
         if lam > 0:  # ReLA phase: two cheap views regressed onto the prior's targets
             rela_loss, features = self.rela.step_loss(self.method.backbone, x, index, self.normalize)
             loss = lam * rela_loss
             logs["rela_loss"] = rela_loss.detach()
-        if lam < 1:  # the method's own views and loss
-            out = self.method.step_loss(x, y, self.normalize)
+        if lam < 1:  # the method's loss, on its own views (or ReLA's until the epoch ends: --switch-aug-at epoch)
+            self.views_used = self.ssl_views()
+            out = self.method.step_loss(x, y, self.normalize, self.views_used)
             loss, features = loss + (1 - lam) * out.loss, out.features
             logs["method_loss"] = out.loss.detach()
         logits = self.monitor(features.detach().float())
@@ -147,6 +150,16 @@ class ReLAModule(L.LightningModule):
         self._batch_images, self._batch_lam = len(index), lam
         return loss + monitor_loss
 
+    def ssl_views(self) -> tuple:
+        """The augmentations of a step with the base method's loss: the method's own views, except
+        with ``switch_aug_at: epoch`` for the rest of the epoch of the hand-over, which keeps ReLA's
+        (the authors' code swaps the data set's transform, which its loader workers see next epoch)."""
+        if self.ssl_start_epoch is None:
+            self.ssl_start_epoch = self.current_epoch
+        if self.cfg.switch_aug_at == "epoch" and self.rela is not None and self.ssl_start_epoch == self.current_epoch:
+            return (self.rela.view,) * len(self.method.views)
+        return self.method.views
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._batch_start = time.perf_counter()
 
@@ -164,17 +177,11 @@ class ReLAModule(L.LightningModule):
 
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = [p for p in self.parameters() if p.requires_grad]  # a frozen transfer head is not among them
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(self.cfg.warmup * total)
-
-        def warmup_cosine(step: int) -> float:  # over the steps this run actually takes
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)  # over the steps this run actually takes
+        factor = lr_factor(self.cfg.lr_schedule, total=total, warmup=int(self.cfg.warmup * total))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- checkpoint extras ------------------------------------------------------------
@@ -182,6 +189,7 @@ class ReLAModule(L.LightningModule):
         checkpoint["rela_budget"] = dict(self.budget)
         checkpoint["rela_history"] = list(self.history)
         checkpoint["rela_wall_seconds"] = self.wall_seconds()
+        checkpoint["rela_ssl_start_epoch"] = self.ssl_start_epoch
         if self._sampler is not None:
             checkpoint["rela_sampler"] = self._sampler.state_dict()
         # Augmentations draw from the global RNGs; saving them makes a resumed run repeat exactly.
@@ -192,6 +200,7 @@ class ReLAModule(L.LightningModule):
         self.budget = {**self.budget, **checkpoint.get("rela_budget", {})}
         self.history = list(checkpoint.get("rela_history", []))
         self.wall_before = checkpoint.get("rela_wall_seconds", 0.0)
+        self.ssl_start_epoch = checkpoint.get("rela_ssl_start_epoch")
         self._sampler_state = checkpoint.get("rela_sampler")
         rng = checkpoint.get("rela_rng")
         if rng is not None:
@@ -364,8 +373,8 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
         "ratio": cfg.ratio, "epochs": cfg.epochs, "seed": cfg.seed, "feature_dim": run.feature_dim,
         **module.budget, "switch_step": switch_step,
         "rela_steps": (switch_step if switch_step is not None else module.budget["steps"]) if module.rela else 0,
-        "wall_seconds": module.wall_seconds(), "history": module.history, **run.bank_info,
-        "flops_per_image": per_image, "train_flops": run_flops(per_image, module.budget),
+        "wall_seconds": module.wall_seconds(), "history": module.history, "target_variance": cfg.target_variance,
+        **run.bank_info, "flops_per_image": per_image, "train_flops": run_flops(per_image, module.budget),
         "device": run.device, "precision": _precision(cfg), "skipped_images": len(train_set.skipped),
     }
     if previous.get("steps") == metrics["steps"]:  # resumed a finished run: its evaluation still holds

@@ -49,6 +49,7 @@ def test_wheel_holds_the_package_and_license_but_no_benchmark_or_test(wheel):
     top = {n.split("/")[0] for n in names}
     assert top == {"rela", f"rela-{rela.__version__}.dist-info"}, top
     assert "rela/cli.py" in names and "rela/methods/__init__.py" in names
+    assert "rela/presets/authors.yaml" in names  # package data: rela train --preset authors works when installed
     assert not [n for n in names if "bench" in n or n.startswith("tests/")]
     assert f"rela-{rela.__version__}.dist-info/licenses/LICENSE" in names
     meta = zipfile.ZipFile(wheel).read(f"rela-{rela.__version__}.dist-info/METADATA").decode()

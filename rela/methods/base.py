@@ -22,10 +22,10 @@ from typing import NamedTuple
 
 import torch
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from rela.data.augment import ViewAugment
+from rela.schedules import momentum_schedule
 
 
 class MethodOutput(NamedTuple):
@@ -43,13 +43,16 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self._momentum_pairs: list[tuple[str, str]] = []
         self.momentum_range = (0.99, 1.0)
+        self.momentum_schedule = momentum_schedule("cosine")  # rela.build sets the run's --momentum-schedule
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> MethodOutput:
         raise NotImplementedError
 
-    def step_loss(self, images: torch.Tensor, labels: torch.Tensor, normalize: nn.Module) -> MethodOutput:
-        """The method's part of a training step: its own views of a batch of raw images, its loss."""
-        return self([normalize(view(images)) for view in self.views], labels)
+    def step_loss(self, images: torch.Tensor, labels: torch.Tensor, normalize: nn.Module,
+                  views: tuple[ViewAugment, ...] | None = None) -> MethodOutput:
+        """The method's part of a training step: views of a batch of raw images (its own unless
+        ``views`` is given), its loss."""
+        return self([normalize(view(images)) for view in (views or self.views)], labels)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x).flatten(1)
@@ -73,13 +76,14 @@ class Method(nn.Module):
             self._momentum_pairs.append((name, f"{name}_momentum"))
         self.momentum_range = momentum
 
-    def update_momentum(self, step: int, max_steps: int) -> None:
-        """EMA update with lightly's cosine momentum schedule; methods without copies do nothing."""
+    def update_momentum(self, step: int, max_steps: int) -> float | None:
+        """EMA update with the momentum schedule; returns the weight used (None: no momentum copies)."""
         if not self._momentum_pairs:
-            return
-        m = cosine_schedule(step, max_steps, *self.momentum_range)
+            return None
+        m = self.momentum_schedule(step, max_steps, *self.momentum_range)
         for online, ema in self._momentum_pairs:
             update_momentum(getattr(self, online), getattr(self, ema), m)
+        return m
 
     @torch.no_grad()
     def embed_momentum(self, x: torch.Tensor) -> torch.Tensor:
