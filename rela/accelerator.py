@@ -54,6 +54,9 @@ class Switch(nn.Module):
     def update(self, loss: float, step: int, epoch: int) -> None:
         """React to the ReLA loss of a step; subclasses that watch the loss override it."""
 
+    def metrics(self) -> dict[str, float]:
+        return {}
+
     def record_switch(self, step: int) -> None:
         """Mark the hand-over at ``step`` (the first step taken with weight 0)."""
         if not self.switched:
@@ -87,6 +90,9 @@ class AdaptiveSwitch(Switch):
         self.loss_slow.mul_(self.slow_decay).add_((1 - self.slow_decay) * self.loss_fast)
         if self.rho >= self.threshold:
             self.record_switch(step)
+
+    def metrics(self) -> dict[str, float]:
+        return {"rho": float(self.rho)}
 
 
 class ConstantSwitch(Switch):
