@@ -34,14 +34,13 @@ def _csv(out: Path) -> Logger:
     return CSVLogger(out, name="logs", version="")
 
 
-@LOGGERS.register("tensorboard", help="event files in OUT/logs/ (pip install 'rela[tensorboard]')")
+@LOGGERS.register("tensorboard", help="event files in OUT/logs/, extra rela[tensorboard]")
 def _tensorboard(out: Path) -> Logger:
     _require("tensorboard", ("tensorboard", "tensorboardX"), "tensorboard")
     return TensorBoardLogger(out, name="logs", version="", default_hp_metric=False)
 
 
-@LOGGERS.register("wandb", help="Weights & Biases, files in OUT/wandb/; offline with WANDB_MODE=offline "
-                                "(pip install 'rela[wandb]')")
+@LOGGERS.register("wandb", help="Weights & Biases in OUT/wandb/, extra rela[wandb]; offline: WANDB_MODE=offline")
 def _wandb(out: Path) -> Logger:
     _require("wandb", ("wandb",), "wandb")
     return WandbLogger(name=Path(out).name, save_dir=str(out), project=os.environ.get("WANDB_PROJECT", "rela"))
