@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, read_metrics, run_ok, saved_backbone_features, weighted_knn_top1
+from conftest import TINY, TINY_STEPS, read_metrics, run_ok, saved_backbone_features, weighted_knn_top1
 
 from rela.callbacks import KNNMonitor
 from rela.cli import main
@@ -18,11 +18,13 @@ from rela.config import TrainConfig
 from rela.data import load_dataset
 from rela.train import train
 
-# 3 epochs x 4 steps; warm-up over the first 3 steps, then cosine. The adaptive switch at threshold
-# 0.4 fires within these 12 steps: rho starts at exp(-(2 - 1)) = 0.37 and its EMAs close slowly.
-LOGGED = [*TINY, "--epochs", "3", "--prior", "random", "--switch", "adaptive:0.4", "--warmup", "0.25",
+# 2 epochs x 4 steps; warm-up over the first 2 steps, then cosine. The adaptive switch at threshold
+# 0.38 fires within these 8 steps: rho starts at exp(-(2 - 1)) = 0.368 and its EMAs close slowly
+# (the gap shrinks ~1 % a step: 0.38 is reached at step 4 or 5).
+THRESHOLD = 0.38
+LOGGED = [*TINY, "--prior", "random", "--switch", f"adaptive:{THRESHOLD}", "--warmup", "0.25",
           "--log-every", "1", "--probe-every", "1"]
-STEPS = 3 * (round(0.3 * 512) // 32)
+STEPS = TINY_STEPS
 
 
 def logged_run(tmp_path: Path, *extra: str) -> Path:
@@ -49,7 +51,7 @@ def expected_lr(step: int, total: int, peak: float = 2e-3, warmup_share: float =
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
-def expected_rho(losses: list[float], threshold: float = 0.4) -> tuple[list[float], int | None]:
+def expected_rho(losses: list[float], threshold: float = THRESHOLD) -> tuple[list[float], int | None]:
     """rho after each step and the step that reaches ``threshold`` (the authors' EMAs, written out)."""
     fast, slow, rhos = 1.0, 2.0, []
     for step, loss in enumerate(losses):
@@ -91,8 +93,8 @@ def test_csv_log_has_rho_and_the_switch_step(csv_run):
     assert phase == list(range(len(phase)))
     rhos, switch = expected_rho([rela_loss[s] for s in phase])
     assert switch is not None and switch == m["switch_step"] == phase[-1] < STEPS - 1
-    for step in phase:
-        assert rho[step] == pytest.approx(rhos[step], rel=1e-9), step
+    for step in phase:  # Lightning logs float32
+        assert rho[step] == pytest.approx(rhos[step], rel=1e-6), step
     # after the hand-over: the base method's loss, lambda 0, rho frozen at its last value
     after = range(switch + 1, STEPS)
     assert sorted(series(rows, "train/method_loss")) == list(after)
