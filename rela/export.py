@@ -7,6 +7,7 @@
   grayscale images, it saw them repeated to 3 channels: metadata ``repeat_gray_to_rgb``).
 - ``torchscript``: the whole module (``torch.jit.script``), loadable with ``torch.jit.load`` alone,
   whatever the architecture; the same metadata rides along as the extra file ``rela.json``.
+  Recent torch marks TorchScript as deprecated (a FutureWarning) but still loads and runs it.
 
 Either way the backbone maps images scaled to [0, 1] and normalised with the metadata's ``mean``
 and ``std`` (per channel) to ``feature_dim`` features, in train mode ready for fine-tuning.
