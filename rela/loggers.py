@@ -49,3 +49,15 @@ def _wandb(out: Path) -> Logger:
 def build_logger(name: str, out: str | os.PathLike) -> Logger:
     """The logger ``name`` writing for the run in ``out``."""
     return LOGGERS.create(name, Path(out))
+
+
+def close_logger(logger: Logger) -> None:
+    """End the run's W&B run, so its data is written now and the next ``train`` in this process starts its own.
+
+    (Lightning leaves it open until the process exits.) The other loggers need nothing.
+    """
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

@@ -35,7 +35,7 @@ from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.hardware import keep_freed_memory
 from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
-from rela.loggers import build_logger
+from rela.loggers import build_logger, close_logger
 from rela.methods import Method
 from rela.priors import BACKBONE_FILE_FORMAT
 
@@ -111,7 +111,10 @@ class ReLAModule(L.LightningModule):
         step, max_steps = self.global_step, int(self.trainer.estimated_stepping_batches)
         self.method.update_momentum(step, max_steps)  # in the ReLA phase too (spec step 4)
         lam = self.rela.switch.weight(self.current_epoch) if self.rela is not None else 0.0
-        loss, logs, rela_loss = 0.0, {"lambda": lam}, None
+        # A phase's loss not computed this step is logged as NaN: Lightning would repeat its last value.
+        loss, logs, rela_loss = 0.0, {"lambda": lam, "method_loss": math.nan}, None
+        if self.rela is not None:
+            logs["rela_loss"] = math.nan
         if lam > 0:
             # ReLA phase: two cheap views regressed onto the prior's targets; no momentum forward.
             f1 = self.method.backbone(self.normalize(self.rela.view(x))).flatten(1)
@@ -312,7 +315,10 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
         )
         module.wall_start = wall_start
         logger.log_hyperparams(cfg.to_dict())
-        trainer.fit(module, ckpt_path=str(last) if resuming else None)
+        try:
+            trainer.fit(module, ckpt_path=str(last) if resuming else None)
+        finally:
+            close_logger(logger)
     if not trainer.is_global_zero:
         return {}
     # 5. outputs
