@@ -57,7 +57,7 @@ def _resnet18_cifar(in_chans: int) -> nn.Module:
     return net
 
 
-class _RepeatChannels(nn.Module):
+class RepeatChannels(nn.Module):
     """Lets 3-channel library models take grayscale images."""
 
     def __init__(self, model: nn.Module, channels: int = 3):
@@ -79,7 +79,7 @@ def _torchvision(name: str, in_chans: int) -> nn.Module:
     except ValueError:
         raise unknown("torchvision model", name, models.list_models()[:40] + ["..."]) from None
     strip_classifier(net)
-    return _RepeatChannels(net) if in_chans != 3 else net
+    return RepeatChannels(net) if in_chans != 3 else net
 
 
 def strip_classifier(net: nn.Module) -> nn.Module:

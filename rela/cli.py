@@ -1,4 +1,4 @@
-"""Command line: ``rela train``, ``rela eval``, ``rela demo``, ``rela diagnose``, ``rela rank-priors``.
+"""Command line: ``rela train``, ``eval``, ``export``, ``demo``, ``diagnose``, ``rank-priors``.
 
 User errors (bad names, missing files, values out of range) print one line and
 exit with code 2; nothing is written before the inputs have been checked.
@@ -13,8 +13,8 @@ import sys
 
 from rela.config import SWITCH_AUG_AT, TRANSFER_HEADS, TrainConfig, read_yaml
 from rela.errors import RelaError
-from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES, PRESETS,
-                           PRIORS, SWITCHES, Registry)
+from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LOGGERS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES,
+                           PRESETS, PRIORS, SWITCHES, Registry)
 
 # CLI flag -> (type, help); a registry as help lists its names. Flags left out keep the config
 # file's or the default value.
@@ -58,6 +58,8 @@ TRAIN_FLAGS = {
     "--precision": (str, "auto | 32-true | 16-mixed | bf16-mixed (auto: bf16 on CUDA, fp32 on CPU)"),
     "--probe-every": (int, "epochs between k-NN probes for the cost curve (0: off)"),
     "--checkpoint-every": (int, "optimizer steps between mid-epoch checkpoints (0: epoch ends only)"),
+    "--logger": (str, LOGGERS),
+    "--log-every": (int, "optimizer steps between logged rows (losses, lambda, rho, lr, images/s, data wait)"),
 }
 
 
@@ -108,6 +110,13 @@ def _cmd_eval(args) -> int:
                      progress=args.progress)
     print(json.dumps({k: m[k] for k in sorted(m) if k.endswith("top1")}, indent=2))
     print(f"results added to {args.run}/metrics.json")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from rela.export import export_backbone
+
+    print(f"exported the backbone of {args.run} ({args.format}): {export_backbone(args.run, args.format, args.out)}")
     return 0
 
 
@@ -197,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("export", help="write a run's backbone as safetensors or TorchScript, loadable without rela")
+    p.add_argument("run", help="output folder of 'rela train' (or its backbone.pt)")
+    p.add_argument("--format", default="safetensors", help="safetensors (weights + metadata, default) | "
+                   "torchscript (the whole module, torch.jit.load)")
+    p.add_argument("--out", default=None, help="file to write (default: RUN/backbone.safetensors or "
+                                               "RUN/backbone.torchscript.pt)")
+    p.set_defaults(func=_cmd_export)
     p = sub.add_parser("demo", help="BYOL vs ReLA+BYOL at the same reduced budget on Fashion-MNIST")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=5)

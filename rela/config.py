@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from rela.errors import RelaError, unknown
-from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES, PRESETS,
-                           PRIORS, SWITCHES)
+from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LOGGERS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES,
+                           PRESETS, PRIORS, SWITCHES)
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed")
@@ -93,13 +93,15 @@ class TrainConfig:
     sync_batchnorm: bool | None = None  # batch-norm statistics over all processes; None: on with > 1 device
     precision: str = "auto"
     probe_every: int = 1  # epochs between k-NN probes for the cost curve; 0 disables
+    logger: str = "csv"  # where per-step records go: csv, tensorboard, wandb (rela.loggers)
+    log_every: int = 10  # optimizer steps between logged rows
     progress: bool = True
     extra: dict = field(default_factory=dict)  # method options (e.g. hidden_dim)
 
     def validate(self) -> "TrainConfig":
         if not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
             raise RelaError(f"ratio must be in (0, 1], got {self.ratio!r}")
-        for name in ("epochs", "batch_size", "devices", "num_nodes"):
+        for name in ("epochs", "batch_size", "devices", "num_nodes", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RelaError(f"{name} must be an integer >= 1, got {value!r}")
@@ -120,7 +122,8 @@ class TrainConfig:
             raise RelaError(f"target_variance must be in (0, 1], got {self.target_variance!r}")
         for registry, value in ((DATASETS, self.dataset), (BACKBONES, self.backbone), (METHODS, self.method),
                                 (PRIORS, self.prior), (SWITCHES, self.switch), (BANK_DTYPES, self.bank_dtype),
-                                (LR_SCHEDULES, self.lr_schedule), (MOMENTUM_SCHEDULES, self.momentum_schedule)):
+                                (LR_SCHEDULES, self.lr_schedule), (MOMENTUM_SCHEDULES, self.momentum_schedule),
+                                (LOGGERS, self.logger)):
             registry.check(value)
         for name, choices in (("transfer_head", TRANSFER_HEADS), ("switch_aug_at", SWITCH_AUG_AT)):
             if getattr(self, name) not in choices:

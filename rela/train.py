@@ -9,6 +9,7 @@ and ``metrics.json`` (budget: optimizer steps, images seen, seconds, switch step
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -19,7 +20,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightly.utils.dist import rank as dist_rank
@@ -28,19 +28,19 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from rela.accelerator import Progress, ReLAAccelerator
 from rela.build import prepare
+from rela.callbacks import KNNMonitor, StepMetrics
 from rela.config import TrainConfig
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
 from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
-from rela.evaluate import backbone_features, knn_accuracy
 from rela.flops import run_flops, step_flops_per_image
 from rela.hardware import keep_freed_memory
 from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
+from rela.loggers import build_logger, close_logger
 from rela.methods import Method
 from rela.priors import BACKBONE_FILE_FORMAT
 from rela.schedules import lr_factor
 
-PROBE_TRAIN_IMAGES, PROBE_TEST_IMAGES = 5000, 2000
 # Test hook: seconds to pause inside every checkpoint write, after the temporary file is written and
 # before it replaces last.ckpt, so benchmarks/kill_resume.py can land a SIGKILL mid-write.
 CHECKPOINT_DELAY_ENV = "RELA_DEBUG_CHECKPOINT_DELAY"
@@ -124,7 +124,12 @@ class ReLAModule(L.LightningModule):
         step, max_steps = progress.step, progress.total_steps
         momentum = self.method.update_momentum(step, max_steps)  # in the ReLA phase too (spec step 4)
         lam = self.rela.switch.weight(progress) if self.rela is not None else 0.0
-        loss, logs, rela_loss = 0.0, {"lambda": lam, **({"momentum": momentum} if momentum is not None else {})}, None
+        # A phase's loss not computed this step is logged as NaN: Lightning would repeat its last value.
+        loss, logs, rela_loss = 0.0, {"lambda": lam, "method_loss": math.nan}, None
+        if momentum is not None:
+            logs["momentum"] = momentum
+        if self.rela is not None:
+            logs["rela_loss"] = math.nan
         if lam > 0:  # ReLA phase: two cheap views regressed onto the prior's targets
             rela_loss, features = self.rela.step_loss(self.method.backbone, x, index, self.normalize)
             loss = lam * rela_loss
@@ -144,7 +149,7 @@ class ReLAModule(L.LightningModule):
             # Every rank must take the same decision: the switch sees the loss averaged over ranks.
             mean_loss = None if rela_loss is None else self.all_gather(rela_loss.detach()).float().mean().item()
             self.rela.switch.step(lam, mean_loss, progress)
-            logs.update(self.rela.switch.metrics())
+            logs.update(self.rela.switch.metrics())  # e.g. rho, after this step's loss went in
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self._batch_images, self._batch_lam = len(index), lam
@@ -216,31 +221,6 @@ class ReLAModule(L.LightningModule):
         if self.rela is None or not bool(self.rela.switch.switched):
             return None
         return int(self.rela.switch.switch_step)
-
-
-class CostCurveProbe(Callback):
-    """k-NN accuracy on fixed train/test slices after every few epochs, against the budget spent.
-
-    This is the accuracy-vs-cost curve of the demo plot; it is monitoring only and
-    its time is not counted in ``train_seconds``.
-    """
-
-    def __init__(self, train_set: ImageDataset, test_set: ImageDataset, every: int):
-        self.every = every
-        self.memory = train_set.subset(PROBE_TRAIN_IMAGES)
-        self.queries = test_set.subset(PROBE_TEST_IMAGES)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: ReLAModule) -> None:
-        epoch = trainer.current_epoch + 1
-        if not trainer.is_global_zero or (epoch % self.every and epoch != trainer.max_epochs):
-            return
-        backbone = module.method.backbone
-        ftr = backbone_features(backbone, self.memory.images, module.normalize, device=module.device)
-        fte = backbone_features(backbone, self.queries.images, module.normalize, device=module.device)
-        acc = knn_accuracy(ftr, self.memory.labels, fte, self.queries.labels, self.memory.num_classes, ks=(20,))[20]
-        module.history.append({"epoch": epoch, **module.budget, "probe_knn_top1": acc,
-                               "switched": module.switch_step is not None})
-        module.log("probe_knn", acc, prog_bar=True, rank_zero_only=True)
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -326,6 +306,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     keep_freed_memory()  # CPU steps no longer page-fault their activations in again (see its docstring)
     out = _check_out_dir(cfg)
     check_writable(out)
+    logger = build_logger(cfg.logger, out)  # a missing extra (tensorboard, wandb) fails here, before any work
     wall_start = time.perf_counter()
     _start_ranks(cfg)  # the process group exists before the bank, so ranks share its extraction
     run = prepare(cfg)  # 1-3. data, learner + method, prior -> bank -> targets -> accelerator
@@ -343,20 +324,24 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
         _keep_previous_log(out / "logs" / "metrics.csv")
     # Both write last.ckpt: at every epoch end and every checkpoint_every steps inside an epoch.
     every = [{"every_n_epochs": 1}] + ([{"every_n_train_steps": cfg.checkpoint_every}] if cfg.checkpoint_every else [])
-    callbacks = [*callbacks] + [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
-                                                enable_version_counter=False, **when) for when in every]
+    callbacks = [*callbacks, StepMetrics()]
+    callbacks += [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
+                                  enable_version_counter=False, **when) for when in every]
     if run.test_set is not None:
-        callbacks.insert(0, CostCurveProbe(train_set, run.test_set, cfg.probe_every))
+        callbacks.insert(0, KNNMonitor(train_set, run.test_set, cfg.probe_every))
     with _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, **_trainer_layout(cfg), precision=_precision(cfg),
-            logger=CSVLogger(out, name="logs", version=""),
-            callbacks=callbacks, enable_progress_bar=cfg.progress, enable_model_summary=False,
-            log_every_n_steps=10, use_distributed_sampler=False, num_sanity_val_steps=0,
+            logger=logger, callbacks=callbacks, enable_progress_bar=cfg.progress, enable_model_summary=False,
+            log_every_n_steps=cfg.log_every, use_distributed_sampler=False, num_sanity_val_steps=0,
         )
         module.wall_start = wall_start
-        if cfg.max_steps != 0:  # 0: the learner stays as initialised (a benchmark's no-training floor)
-            trainer.fit(module, ckpt_path=str(last) if resuming else None)
+        logger.log_hyperparams(cfg.to_dict())
+        try:
+            if cfg.max_steps != 0:  # 0: the learner stays as initialised (a benchmark's no-training floor)
+                trainer.fit(module, ckpt_path=str(last) if resuming else None)
+        finally:
+            close_logger(logger)
     if not trainer.is_global_zero:
         return {}
     # 5. outputs

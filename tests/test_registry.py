@@ -10,15 +10,15 @@ import pytest
 from rela.cli import TRAIN_FLAGS, main
 from rela.config import TrainConfig
 from rela.errors import RelaError
-from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES, PRIORS,
-                           SWITCHES, Registry)
+from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LOGGERS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES,
+                           PRIORS, SWITCHES, Registry)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # train flag -> (registry, TrainConfig field)
 FLAGS = {"--dataset": (DATASETS, "dataset"), "--backbone": (BACKBONES, "backbone"), "--method": (METHODS, "method"),
          "--prior": (PRIORS, "prior"), "--switch": (SWITCHES, "switch"), "--bank-dtype": (BANK_DTYPES, "bank_dtype"),
          "--lr-schedule": (LR_SCHEDULES, "lr_schedule"),
-         "--momentum-schedule": (MOMENTUM_SCHEDULES, "momentum_schedule")}
+         "--momentum-schedule": (MOMENTUM_SCHEDULES, "momentum_schedule"), "--logger": (LOGGERS, "logger")}
 
 
 def train_help(capsys) -> str:
