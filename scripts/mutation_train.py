@@ -4,9 +4,10 @@ mutmut over all of train.py would run the slow training tests for hundreds of mu
 mutant below is one deliberate fault in ``training_step``, ``optimizer_step`` or
 ``configure_optimizers``. For each, the tree is copied to a temporary folder with the one edit, and
 pytest runs there (in a process forked from this one, which has imported torch and Lightning
-already) over SUITE, NEW_TESTS and DDP in that order, stopping at the first failure. A mutant that
-a new test kills runs DDP alone once more, so both scores are exact: killed *before* by SUITE or DDP
-(the tests as on main), killed *after* by any of them.
+already) over SUITE, NEW_TESTS and DDP in that order, stopping at the first failure: killed *before*
+if a test of the suite failed (the tests as on main), killed *after* if any did. A mutant that a new
+test kills never reaches DDP; with --ddp-before it runs DDP alone once more (minutes a mutant), so
+that its *before* verdict covers DDP too; without, that verdict is the fast suite's.
 
     PYTHONPATH=. python scripts/mutation_train.py [--only NAME ...] [--json PATH]
 """
@@ -115,7 +116,7 @@ def mutated_tree(tmp: Path, name: str | None) -> Path:
     return tree
 
 
-def verdict(tree: Path, timeout: float) -> dict:
+def verdict(tree: Path, timeout: float, ddp_before: bool) -> dict:
     """killed / survived / timeout, before (SUITE + DDP) and after (with NEW_TESTS), and the killing tests."""
     first = run_tests(tree, [*SUITE, NEW_TESTS, *DDP], timeout)
     if first.get("status") == "timeout":
@@ -123,8 +124,12 @@ def verdict(tree: Path, timeout: float) -> dict:
     if first["exit"] == 0:
         return {"before": "survived", "after": "survived", "seconds": first["seconds"]}
     result = {"before": "killed", "after": "killed", "killed_by": first["failed"], "seconds": first["seconds"]}
-    if first["failed"].startswith(NEW_TESTS):  # would the suite's DDP test, not reached, have killed it?
-        ddp = run_tests(tree, DDP, timeout)
+    if first["failed"].startswith(NEW_TESTS):
+        result["before"] = "survived"
+        if not ddp_before:
+            result["before_ddp"] = "not run"
+            return result
+        ddp = run_tests(tree, DDP, timeout)  # would the suite's DDP test, not reached, have killed it?
         result["before"] = "survived" if ddp.get("exit") == 0 else "killed"
         result["killed_before_by"] = ddp.get("failed")
         result["seconds"] += ddp["seconds"]
@@ -136,11 +141,15 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run these mutants only (names as in MUTANTS)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run")
+    parser.add_argument("--ddp-before", action="store_true", help="run DDP for mutants first killed by a new test")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the check that the unmutated tree passes")
     args = parser.parse_args()
     results = {}
     for name in [None, *(args.only or MUTANTS)]:
         with tempfile.TemporaryDirectory(prefix="mutation-train-") as tmp:
             tree = mutated_tree(Path(tmp), name)
+            if name is None and args.no_baseline:
+                continue
             if name is None:  # the unmutated tree must pass, or no verdict means anything
                 outcome = run_tests(tree, [*SUITE, NEW_TESTS, *DDP], args.timeout)
                 if outcome.get("exit") != 0:
@@ -148,7 +157,7 @@ def main() -> int:
                     return 1
                 print(f"baseline passes ({outcome['seconds']} s)", flush=True)
                 continue
-            results[name] = verdict(tree, args.timeout)
+            results[name] = verdict(tree, args.timeout, args.ddp_before)
         print(f"{name}: {results[name]}", flush=True)
     for when in ("before", "after"):
         killed = sum(r[when] == "killed" for r in results.values())

@@ -1,22 +1,157 @@
 """Tests written to kill the mutants that `make mutation` found surviving (benchmarks/results/mutation.md).
 
-The training step's tests fit the shipped ReLAModule for a few real steps on ``synthetic:128``
+The transport and the accelerator's tests run the real functions on small tensors; the training step's tests fit the shipped ReLAModule for a few real steps on ``synthetic:128``
 (batches of 32: 4 steps an epoch) and read what it logged, counted and trained.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import fit, parameters
+from test_accelerator import at
+from test_targets import _features, _numpy_pca
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
+from rela.accelerator import AdaptiveSwitch, NeverSwitch, PlateauSwitch, ReLAAccelerator, build_switch, rela_loss
+from rela.backbones import build_backbone
 from rela.build import prepare
 from rela.config import TrainConfig
+from rela.data import Normalize
+from rela.data.augment import RELA_VIEW
+from rela.errors import RelaError
+from rela.targets import transport
 from rela.train import ReLAModule
+
+
+def _blocks_of(monkeypatch, rows: int, k: int) -> None:
+    """transport reads ``rows`` rows (of k float64 features) per block."""
+    monkeypatch.setattr("rela.bank.BLOCK_BYTES", rows * k * 8)
+
+
+def _assert_same_up_to_sign(z: np.ndarray, ref: np.ndarray, atol: float) -> None:
+    for j in range(ref.shape[1]):
+        sign = np.sign(z[:, j] @ ref[:, j])
+        np.testing.assert_allclose(z[:, j], sign * ref[:, j], atol=atol, err_msg=f"component {j}")
+
+
+# --- transport (rela/targets.py) -------------------------------------------------------------
+
+
+def test_transport_far_from_the_origin_matches_numpy(monkeypatch):
+    # an offset of 1e6 on features of spread ~1: the mean and the projections must be kept in
+    # float64 (as float32, 1e6 has a resolution of 0.06), merged over 13 blocks
+    y = _features(n=500, k=12, seed=3) + 1e6
+    _blocks_of(monkeypatch, 40, 12)
+    targets = transport(torch.from_numpy(y), 5)
+    ref, explained = _numpy_pca(y, 5)
+    _assert_same_up_to_sign(targets.values.numpy().astype(np.float64), ref, atol=1e-4)
+    assert targets.explained_variance == pytest.approx(explained, rel=1e-6)
+
+
+def test_transport_reads_a_float32_array_in_float64(monkeypatch):
+    # a float32 bank (numpy, as memory-mapped) gives what the same values give as a tensor: both are read
+    # as float64 blocks, so the statistics agree to float64 rounding
+    y = (_features(n=300, k=12, seed=4) + 100).astype(np.float32)
+    _blocks_of(monkeypatch, 40, 12)
+    as_array, as_tensor = transport(y, 6), transport(torch.from_numpy(y), 6)
+    assert as_array.explained_variance == pytest.approx(as_tensor.explained_variance, rel=1e-13)
+    torch.testing.assert_close(as_array.values, as_tensor.values, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e7])
+def test_transport_is_scale_free(scale):
+    # Targets and explained variance do not depend on the features' units; the dead component's
+    # threshold is relative to the largest one, so a constant feature stays dead at any scale.
+    y = np.concatenate([_features(n=150, k=5), np.full((150, 1), 7.25)], axis=1)
+    unit, scaled = transport(torch.from_numpy(y), 6), transport(torch.from_numpy(scale * y), 6)
+    assert torch.count_nonzero(scaled.values[:, -1]) == 0
+    _assert_same_up_to_sign(scaled.values[:, :5].numpy().astype(np.float64),
+                            unit.values[:, :5].numpy().astype(np.float64), atol=1e-4)
+    assert scaled.explained_variance == pytest.approx(unit.explained_variance, rel=1e-9)
+    small = transport(torch.from_numpy(scale * y), 2)  # below 1 in total variance too: still a fraction
+    assert small.explained_variance == pytest.approx(transport(torch.from_numpy(y), 2).explained_variance, rel=1e-9)
+
+
+def test_transport_names_the_block_with_a_non_finite_value(monkeypatch):
+    y = torch.from_numpy(_features(n=50, k=4))
+    y[27, 1] = float("nan")
+    _blocks_of(monkeypatch, 10, 4)
+    with pytest.raises(RelaError, match=r"NaN or Inf values \(rows 20\.\.29\)"):
+        transport(y, 2)
+
+
+def test_transport_targets_are_float32_whatever_the_default_dtype():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        values = transport(torch.from_numpy(_features(n=60, k=4)), 3).values
+    finally:
+        torch.set_default_dtype(default)
+    assert values.dtype == torch.float32
+
+
+# --- the ReLA loss, the accelerator's step, switch messages and metrics (rela/accelerator.py) --------
+
+
+def test_rela_loss_runs_in_the_predictions_dtype():
+    # under bf16 autocast the transfer head predicts in bf16: the float32 targets are cast to it
+    g = torch.Generator().manual_seed(0)
+    pred_1, pred_2, target = (torch.randn(8, 16, generator=g) for _ in range(3))
+    pred_1, pred_2 = pred_1.bfloat16(), pred_2.bfloat16()
+    loss = rela_loss(pred_1, pred_2, target)
+    assert loss.dtype == torch.bfloat16
+    assert torch.equal(loss, rela_loss(pred_1, pred_2, target.bfloat16()))
+
+
+def test_step_loss_regresses_two_rela_views_onto_the_indexed_targets():
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("convnet", 3, 16)
+    targets = torch.randn(10, 6)
+    acc = ReLAAccelerator(dim, targets, NeverSwitch())
+    normalize = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    index = torch.tensor([7, 2, 2, 9])
+    torch.manual_seed(1)
+    loss, features = acc.step_loss(backbone, images, index, normalize)
+    torch.manual_seed(1)  # the same two random views, drawn by hand
+    f1, f2 = (backbone(normalize(RELA_VIEW(images))).flatten(1) for _ in range(2))
+    assert not torch.equal(f1, f2)  # two different views
+    torch.testing.assert_close(features, f1, rtol=0, atol=0)
+    torch.testing.assert_close(loss, rela_loss(acc.transfer(f1), acc.transfer(f2), targets[index]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("adaptive:high", "THRESHOLD must be a number"),
+    ("plateau:x", "THRESHOLD:PATIENCE must be up to 2 number(s) in [0, 1], colon-separated"),
+    ("soft:0.5", "START:LENGTH must be 2 number(s) in [0, 1], colon-separated"),
+])
+def test_bad_switch_argument_says_what_it_must_be(spec, message):
+    with pytest.raises(RelaError) as err:
+        build_switch(spec)
+    assert str(err.value) == f"bad switch {spec!r}: {message}"
+
+
+def test_switch_metrics_report_what_the_switch_watches():
+    adaptive = AdaptiveSwitch()
+    losses = [0.9, 0.8, 0.85]
+    for step, loss in enumerate(losses):
+        adaptive.update(loss, at(step))
+    fast, slow = 1.0, 2.0
+    for loss in losses:  # rho of the last step: from the EMAs before its loss entered them
+        rho = math.exp(-max(slow - fast, 0.0))
+        fast = 0.999 * fast + 0.001 * loss
+        slow = 0.99 * slow + 0.01 * fast
+    assert adaptive.metrics() == {"rho": pytest.approx(rho, rel=1e-12)}
+    plateau = PlateauSwitch()
+    assert plateau.metrics() == {}  # no loss seen: no best yet
+    plateau.update(0.7, at(0, 100))
+    assert plateau.metrics() == {"plateau_best": pytest.approx(0.7, rel=1e-12)}  # the first smoothed loss is the loss
 
 # --- the training step (rela/train.py; scripts/mutation_train.py mutates it) ---------------------------
 
