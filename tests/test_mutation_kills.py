@@ -64,6 +64,17 @@ def test_transport_reads_a_float32_array_in_float64(monkeypatch):
     torch.testing.assert_close(as_array.values, as_tensor.values, rtol=0, atol=1e-6)
 
 
+def test_transport_row_by_row_equals_one_piece(monkeypatch):
+    # 3000 blocks of one row: every running sum (mean, scatter, the targets' mean and square) is merged
+    # 3000 times; kept in float64 they end within a float32 rounding of the one-block result
+    y = _features(n=3000, k=4, seed=5)
+    whole = transport(torch.from_numpy(y), 4)
+    _blocks_of(monkeypatch, 1, 4)
+    rows = transport(torch.from_numpy(y), 4)
+    torch.testing.assert_close(rows.values, whole.values, rtol=0, atol=5e-7)
+    assert rows.explained_variance == pytest.approx(whole.explained_variance, rel=1e-12)
+
+
 @pytest.mark.parametrize("scale", [1e-7, 1e7])
 def test_transport_is_scale_free(scale):
     # Targets and explained variance do not depend on the features' units; the dead component's
