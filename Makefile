@@ -1,12 +1,13 @@
 # make demo: set up .venv + Fashion-MNIST, then BYOL vs ReLA+BYOL at a reduced budget.
 # make test: the same set-up, then the test suite.
 # make readme-tables: the README's measured tables, regenerated from benchmarks/results/*.json.
+# make mutation: mutation testing (not in CI; about an hour on 2 shared cores), see benchmarks/results/mutation.md.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data demo test readme-tables clean bench-gpu
+.PHONY: setup data demo test readme-tables clean bench-gpu mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,14 @@ test: setup data
 
 readme-tables: setup
 	$(BIN)/python benchmarks/readme_tables.py
+
+# mutmut over rela/targets.py and rela/accelerator.py against their unit tests ([tool.mutmut] in
+# pyproject.toml; mutants/ is a scratch copy), then the hand-written mutants of the training step
+mutation: setup
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/mutation_train.py --json mutants/train.json
 
 # GPU benchmark, offline: the 4 Fashion-MNIST .gz files in FMNIST (an ignored folder carried with the tree)
 FMNIST ?= data/fashion-mnist

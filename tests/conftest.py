@@ -171,11 +171,13 @@ def untrained_twin(run: Path, dest: Path) -> dict:
     return read_metrics(dest)
 
 
-def fit(module, max_steps: int = -1, max_epochs: int | None = None, callbacks=()):
-    """Lightning's fit of a prepared ReLAModule on CPU, without logs or checkpoints; returns the trainer."""
+def fit(module, max_steps: int = -1, max_epochs: int | None = None, callbacks=(), logger=False):
+    """Lightning's fit of a prepared ReLAModule on CPU, without checkpoints (and logs unless ``logger``,
+    which then gets every step); returns the trainer."""
     trainer = L.Trainer(max_steps=max_steps, max_epochs=max_epochs or module.cfg.epochs, accelerator="cpu",
-                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False, callbacks=list(callbacks))
+                        devices=1, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        callbacks=list(callbacks))
     trainer.fit(module)
     return trainer
 
