@@ -28,6 +28,8 @@ class ViewAugment:
     jitter_p: float = 0.8
     gray_p: float = 0.2
     solarize_p: float = 0.0
+    blur_p: float = 0.0  # Gaussian blur, kernel ~10% of the side (blur_kernel), sigma uniform in blur_sigma
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
 
     def __call__(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """uint8 or [0, 1] float N x C x H x W -> float N x C x size x size in [0, 1]."""
@@ -35,6 +37,7 @@ class ViewAugment:
         x = random_resized_crop(x, size or x.shape[-1], self.crop_scale, self.crop_ratio, self.flip_p)
         x = color_jitter(x, *self.jitter, p=self.jitter_p)
         x = random_grayscale(x, self.gray_p)
+        x = random_blur(x, self.blur_p, self.blur_sigma)
         x = random_solarize(x, self.solarize_p)
         return x
 
@@ -132,6 +135,29 @@ def random_grayscale(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     mask = (torch.rand(x.shape[0], device=x.device) < p)[:, None, None, None]
     return torch.where(mask, grayscale(x).expand_as(x), x)
+
+
+def blur_kernel(size: int) -> int:
+    """Gaussian-blur kernel side: about 10% of the image side (BYOL's rule), odd, at least 3."""
+    k = max(3, int(0.1 * size))
+    return k if k % 2 else k + 1
+
+
+def random_blur(x: torch.Tensor, p: float, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+    """Per-sample Gaussian blur (sigma drawn per sample) with probability ``p``: two grouped 1-D convolutions."""
+    if p <= 0:
+        return x
+    n, c, h, w = x.shape
+    k = blur_kernel(w)
+    s = _uniform(n, *sigma, x.device)
+    r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    kernel = torch.exp(-(r[None] ** 2) / (2 * s[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c) x k
+    y = F.pad(x.reshape(1, n * c, h, w), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c).reshape(n, c, h, w)
+    mask = (torch.rand(n, device=x.device) < p)[:, None, None, None]
+    return torch.where(mask, y, x)
 
 
 def random_solarize(x: torch.Tensor, p: float, threshold: float = 0.5) -> torch.Tensor:
