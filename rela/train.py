@@ -28,9 +28,10 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
 from rela.accelerator import ReLAAccelerator
-from rela.build import prepare
+from rela.build import prepare, workers
 from rela.config import TrainConfig
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
+from rela.data.stream import StreamBatches, StreamSet, in_memory
 from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.evaluate import backbone_features, knn_accuracy
@@ -75,9 +76,14 @@ class ReLAModule(L.LightningModule):
         # Labels train this classifier for monitoring only: its input is detached.
         self.monitor = nn.Linear(method.feature_dim, dataset.num_classes)
         self.normalize = Normalize(dataset.mean, dataset.std, dataset.channels)
-        # The whole (small) dataset rides along to the training device; batches are index tensors.
-        self.register_buffer("images", dataset.images, persistent=False)
-        self.register_buffer("labels", dataset.labels, persistent=False)
+        self.num_samples, self.stream = len(dataset), None
+        if isinstance(dataset, StreamSet):  # stream mode: workers decode and augment (rela.data.stream)
+            self.stream = StreamBatches(dataset, rela.view if rela is not None else None, method.views,
+                                        seed=cfg.seed, workers=workers(cfg), prefetch=cfg.prefetch_factor,
+                                        pin_memory=True)
+        else:  # the whole (small) dataset rides along to the training device; batches are index tensors
+            self.register_buffer("images", dataset.images, persistent=False)
+            self.register_buffer("labels", dataset.labels, persistent=False)
         self.budget = {"steps": 0, "images_seen": 0, "train_seconds": 0.0}
         self.history: list[dict] = []
         self._batch_start = 0.0
@@ -91,7 +97,7 @@ class ReLAModule(L.LightningModule):
 
     # --- data -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        sampler = DynamicSubsetSampler(len(self.labels), self.cfg.ratio, self.cfg.seed,
+        sampler = DynamicSubsetSampler(self.num_samples, self.cfg.ratio, self.cfg.seed,
                                        rank=self.global_rank, world_size=self.trainer.world_size)
         if self._sampler_state is not None:  # resuming: skip what the checkpointed run already trained on
             sampler.load_state_dict(self._sampler_state)
@@ -100,28 +106,48 @@ class ReLAModule(L.LightningModule):
         if batch_size < self.cfg.batch_size:
             warnings.warn(f"the subset per epoch and rank holds {len(sampler)} images; batch size "
                           f"lowered from {self.cfg.batch_size} to {batch_size}", stacklevel=1)
+        if self.stream is not None:
+            return self.stream.loader(sampler, batch_size)
         batches = BatchSampler(sampler, batch_size, drop_last=True)
         # An own generator: making an iterator would otherwise draw from the global RNG, which the
         # augmentations use, and a mid-epoch resume (one extra iterator) would then diverge.
-        return DataLoader(range(len(self.labels)), batch_sampler=batches, collate_fn=torch.tensor,
+        return DataLoader(range(self.num_samples), batch_sampler=batches, collate_fn=torch.tensor,
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
+    def batch_views(self, batch):
+        """(index, labels, k -> k-th ReLA view, () -> the method's views) of a batch, or None (nothing decoded).
+
+        Memory mode augments on the device, lazily, in the order the step asks; stream mode's views
+        come augmented from the workers.
+        """
+        if self.stream is None:
+            x = self.images[batch]
+            return batch, self.labels[batch], lambda k: self.rela.view(x), lambda: [v(x) for v in self.method.views]
+        parts = self.stream.split(batch)
+        if parts is None:
+            return None
+        index, y, rela_views, method_views = parts
+        return index, y, rela_views.__getitem__, lambda: method_views
+
     # --- one step ---------------------------------------------------------------------
-    def training_step(self, index: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        x, y = self.images[index], self.labels[index]
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        parts = self.batch_views(batch)
+        if parts is None:
+            return None
+        index, y, rela_view, method_views = parts
         step, max_steps = self.global_step, int(self.trainer.estimated_stepping_batches)
         self.method.update_momentum(step, max_steps)  # in the ReLA phase too (spec step 4)
         lam = self.rela.switch.weight(self.current_epoch) if self.rela is not None else 0.0
         loss, logs, rela_loss = 0.0, {"lambda": lam}, None
         if lam > 0:
             # ReLA phase: two cheap views regressed onto the prior's targets; no momentum forward.
-            f1 = self.method.backbone(self.normalize(self.rela.view(x))).flatten(1)
-            f2 = self.method.backbone(self.normalize(self.rela.view(x))).flatten(1)
+            f1 = self.method.backbone(self.normalize(rela_view(0))).flatten(1)
+            f2 = self.method.backbone(self.normalize(rela_view(1))).flatten(1)
             rela_loss = self.rela.loss(f1, f2, index)
             loss, features = lam * rela_loss, f1
             logs["rela_loss"] = rela_loss.detach()
         if lam < 1:
-            out = self.method([self.normalize(view(x)) for view in self.method.views], y)
+            out = self.method([self.normalize(v) for v in method_views()], y)
             loss, features = loss + (1 - lam) * out.loss, out.features
             logs["method_loss"] = out.loss.detach()
         logits = self.monitor(features.detach().float())
@@ -173,6 +199,8 @@ class ReLAModule(L.LightningModule):
         checkpoint["rela_wall_seconds"] = self.wall_seconds()
         if self._sampler is not None:
             checkpoint["rela_sampler"] = self._sampler.state_dict()
+            if self.stream is not None:  # workers run ahead of training: the position of the last trained batch
+                checkpoint["rela_sampler"]["consumed"] = self.stream.position
         # Augmentations draw from the global RNGs; saving them makes a resumed run repeat exactly.
         checkpoint["rela_rng"] = {"cpu": torch.get_rng_state(),
                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -207,8 +235,8 @@ class CostCurveProbe(Callback):
 
     def __init__(self, train_set: ImageDataset, test_set: ImageDataset, every: int):
         self.every = every
-        self.memory = train_set.subset(PROBE_TRAIN_IMAGES)
-        self.queries = test_set.subset(PROBE_TEST_IMAGES)
+        self.memory = in_memory(train_set, PROBE_TRAIN_IMAGES)
+        self.queries = in_memory(test_set, PROBE_TEST_IMAGES)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: ReLAModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -353,6 +381,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
         "rela_steps": (switch_step if switch_step is not None else module.budget["steps"]) if module.rela else 0,
         "wall_seconds": module.wall_seconds(), "history": module.history, **run.bank_info,
         "device": run.device, "precision": _precision(cfg), "skipped_images": len(train_set.skipped),
+        "data_mode": run.data_mode,
     }
     if previous.get("steps") == metrics["steps"]:  # resumed a finished run: its evaluation still holds
         metrics.update({k: v for k, v in previous.items() if k.endswith("_top1") or k in ("eval_test_images", "eval_split")})
