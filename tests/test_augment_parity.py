@@ -86,37 +86,28 @@ def _jitter_pair(images, **factors):
                                          hue=h or None))
 
 
-def test_brightness_factor():
+def _mean(y):
+    return y.mean((1, 2, 3))
+
+
+def _gray_spread(y):
+    return grayscale(y).std((1, 2, 3))
+
+
+def _chroma(y):
+    return (y - grayscale(y)).abs().mean((1, 2, 3))
+
+
+@pytest.mark.parametrize("op,statistic", [("brightness", _mean), ("contrast", _gray_spread),
+                                          ("saturation", _chroma)])
+def test_jitter_factor(op, statistic):
+    """Each factor is uniform in [0.6, 1.4]: the statistic it scales (mean, gray spread, chroma) moves by it."""
     images = colour_images()
-    a, b = _jitter_pair(images, brightness=0.4)
-    x = images.float() / 255
-    ratio_a, ratio_b = a.mean((1, 2, 3)) / x.mean((1, 2, 3)), b.mean((1, 2, 3)) / x.mean((1, 2, 3))
-    # uniform factor in [0.6, 1.4]: mean 1, std 0.8 / sqrt(12) = 0.23 (a little less where pixels clip at 1)
-    assert_same_distribution(ratio_a, ratio_b, tol_mean=0.03, tol_std=0.03)
-    assert 0.19 < ratio_a.std() < 0.25
-
-
-def test_contrast_factor():
-    images = colour_images()
-    a, b = _jitter_pair(images, contrast=0.4)
-    x = images.float() / 255
-    spread = grayscale(x).std((1, 2, 3))
-    ratio_a, ratio_b = grayscale(a).std((1, 2, 3)) / spread, grayscale(b).std((1, 2, 3)) / spread
-    assert_same_distribution(ratio_a, ratio_b, tol_mean=0.03, tol_std=0.03)
-    assert 0.19 < ratio_a.std() < 0.25
-
-
-def test_saturation_factor():
-    images = colour_images()
-    a, b = _jitter_pair(images, saturation=0.4)
-    x = images.float() / 255
-
-    def chroma(y):
-        return (y - grayscale(y)).abs().mean((1, 2, 3))
-
-    ratio_a, ratio_b = chroma(a) / chroma(x), chroma(b) / chroma(x)
+    a, b = _jitter_pair(images, **{op: 0.4})
+    before = statistic(images.float() / 255)
+    ratio_a, ratio_b = statistic(a) / before, statistic(b) / before
     assert_same_distribution(ratio_a, ratio_b, tol_mean=0.04, tol_std=0.04)
-    assert 0.17 < ratio_a.std() < 0.25
+    assert 0.17 < ratio_a.std() < 0.25  # 0.8 / sqrt(12) = 0.23, a little less where pixels clip
 
 
 def hue(x: torch.Tensor) -> torch.Tensor:

@@ -237,7 +237,10 @@ def write_shards(src: FileSource, out: Path, samples_per_shard: int = 10_000) ->
         tmp = out / f".{name}.tmp"
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(first, min(first + samples_per_shard, len(src))):
-                data = src.read(i)
+                try:
+                    data = src.read(i)
+                except BadImage as e:
+                    raise RelaError(f"cannot read image {e.path}: {e.reason}") from None
                 suffix = Path(src.files[i]).suffix.lower().lstrip(".") if src.slots is None else "img"
                 key = f"{i:09d}"
                 for member, payload in ((f"{key}.{suffix}", data), (f"{key}.cls", str(src.labels[i]).encode())):
