@@ -89,7 +89,7 @@ def make_folder(root: Path, n: int, size: int) -> Path:
         (root / cls).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         tint = np.random.default_rng(i).uniform(0.5, 1.0, 3)  # every file differs, also past 70k
-        gray = Image.fromarray(images[i % len(images)]).resize((size, size), Image.BILINEAR)
+        gray = Image.fromarray(images[i % len(images)]).resize((size, size), Image.Resampling.BILINEAR)
         rgb = (np.asarray(gray, np.float32)[..., None] * tint).astype(np.uint8)
         Image.fromarray(rgb).save(root / CLASSES[labels[i % len(labels)]] / f"{i:07d}.jpg", quality=90)
     done.write_text(str(n))

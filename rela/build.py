@@ -72,7 +72,7 @@ def choose_data_mode(cfg: TrainConfig, ram: int | None = None) -> tuple[str, str
     """(memory or stream, why): ``auto`` takes memory when N x C x H x W bytes (per process) fit 25% of RAM."""
     if cfg.data_mode != "auto":
         return cfg.data_mode, "--data-mode " + cfg.data_mode
-    files = open_files(cfg.dataset, "train")
+    files = open_files(cfg.dataset, "train", cfg.skip_bad_images)
     if files is None:
         return "memory", f"{cfg.dataset} is not a folder of image files"
     n = min(len(files), cfg.train_limit or len(files))
