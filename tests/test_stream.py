@@ -130,7 +130,7 @@ def three_runs(tmp_path_factory):
     for name, fields in (("memory", {"data_mode": "memory"}), ("stream_a", {"num_workers": 2}),
                          ("stream_b", {"num_workers": 2})):
         seen = Indices()
-        cfg = stream_cfg(root, tmp, out=str(tmp / name), prior="random", **fields)
+        cfg = stream_cfg(root, tmp, out=str(tmp / name), prior="random", batch_size=4, **fields)
         metrics = train(cfg, callbacks=[seen])
         runs[name] = (tmp / name, seen.seen, metrics)
     return runs
@@ -140,10 +140,10 @@ def test_same_seed_same_subsets_in_both_modes(three_runs):
     _, memory, m = three_runs["memory"]
     _, stream, s = three_runs["stream_a"]
     assert m["data_mode"] == "memory" and s["data_mode"] == "stream"
-    assert len(memory) == 2 * (12 // 8) == len(stream) and memory == stream
+    assert len(memory) == 2 * (12 // 4) == len(stream) and memory == stream
     assert memory[0] != memory[-1]  # a fresh subset each epoch
     assert m["bank_key"] == s["bank_key"] and m["bank_cache_hit"] is False and s["bank_cache_hit"] is True
-    assert m["steps"] == s["steps"] == 2
+    assert m["steps"] == s["steps"] == 6
 
 
 def test_stream_run_with_workers_repeats_exactly(three_runs):
@@ -152,6 +152,36 @@ def test_stream_run_with_workers_repeats_exactly(three_runs):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], memory_run[k]) for k in a)  # other augmentation draws: not the same weights
+
+
+class SimulatedKill(BaseException):
+    """Not an Exception: nothing on the way up may catch it, as with a real kill."""
+
+
+def test_stream_run_killed_mid_epoch_resumes_to_identical_weights(three_runs, monkeypatch):
+    """Workers run ahead of training: the checkpoint must hold the position of the last trained batch."""
+    from rela.train import ReLAModule
+
+    reference, _, _ = three_runs["stream_a"]
+    cfg = TrainConfig.from_yaml(reference / "config.yaml")
+    cfg.out, cfg.checkpoint_every = str(reference.parent / "killed"), 1
+    step_fn = ReLAModule.training_step
+
+    def dying_step(self, batch, batch_idx):
+        if self.global_step == 4:  # the second batch of epoch 2 (3 per epoch)
+            raise SimulatedKill
+        return step_fn(self, batch, batch_idx)
+
+    monkeypatch.setattr(ReLAModule, "training_step", dying_step)
+    with pytest.raises(SimulatedKill):
+        train(cfg)
+    monkeypatch.undo()
+    saved = torch.load(Path(cfg.out) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 4 and saved["rela_sampler"]["consumed"] == 4  # not where the workers were
+    cfg.resume = True
+    train(cfg)
+    a, b = backbone_state(reference), backbone_state(Path(cfg.out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --- bank extraction streams ----------------------------------------------------------------------
