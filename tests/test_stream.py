@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import backbone_state, read_metrics, run_ok
+from conftest import backbone_state
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
@@ -18,8 +18,7 @@ from rela.build import choose_data_mode, load_data
 from rela.cli import main
 from rela.config import TrainConfig
 from rela.data import load_dataset
-from rela.data.files import image_folder, shard_folder
-from rela.data.stream import StreamSet, decode_loader
+from rela.data.files import image_folder
 from rela.errors import RelaError
 from rela.priors import build_prior
 from rela.train import train
