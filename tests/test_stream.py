@@ -120,6 +120,33 @@ def test_data_mode_auto_follows_the_ram_budget(tmp_path):
 # --- training: same subsets, repeatable with workers ---------------------------------------------
 
 
+def test_stream_loader_walks_the_memory_loaders_subsets(tmp_path):
+    """The loaders themselves, without training: same sampler, same index batches, epoch by epoch."""
+    from torch.utils.data import BatchSampler, DataLoader
+
+    from rela.data import DynamicSubsetSampler
+    from rela.data.augment import BYOL_VIEW_1, RELA_VIEW
+    from rela.data.stream import StreamBatches
+
+    root = make_jpeg_folder(tmp_path / "pics", per_class=5, splits=("train",))
+    data = load_data(stream_cfg(root, tmp_path), "train", "stream")
+    stream = StreamBatches(data, RELA_VIEW, [BYOL_VIEW_1], seed=0, workers=0, prefetch=2, pin_memory=False)
+    a, b = DynamicSubsetSampler(len(data), 0.6, seed=4), DynamicSubsetSampler(len(data), 0.6, seed=4)
+    memory_loader = DataLoader(range(len(data)), batch_sampler=BatchSampler(a, 3, drop_last=True),
+                               collate_fn=torch.tensor)
+    stream_loader = stream.loader(b, 3)
+    for epoch in range(3):
+        a.set_epoch(epoch), b.set_epoch(epoch)
+        batches = [stream.split(batch) for batch in stream_loader]
+        assert [i.tolist() for i, *_ in batches] == [i.tolist() for i in memory_loader]
+        index, labels, rela_views, method_views = batches[0]
+        assert torch.equal(labels, data.labels[index])
+        assert len(rela_views) == 2 and len(method_views) == 1 and rela_views[0].shape == (3, 3, 16, 16)
+        assert not torch.equal(rela_views[0], rela_views[1])  # two random views of the same images
+    assert stream.position == len(a)  # the sampler position of the last batch taken
+
+
+
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
     """Memory mode, and stream mode twice with 2 workers: same folder, seed and settings (random prior)."""
