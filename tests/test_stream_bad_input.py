@@ -105,7 +105,7 @@ def make_shards(tmp: Path) -> Path:
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_empty_or_truncated_shard(capfd, tmp_path, damage):
     shards = make_shards(tmp_path)
-    tar = shards / "shard-000001.tar"
+    tar = shards / "train" / "shard-000001.tar"
     truncate(tar, 0.0 if damage == "empty" else 0.6)
     rc, err = run(capfd, tmp_path, f"shards:{shards}")
     assert rc == 2
@@ -120,7 +120,7 @@ def test_empty_or_truncated_shard(capfd, tmp_path, damage):
 def test_shard_truncated_after_opening_names_it(tmp_path):
     shards = make_shards(tmp_path)
     files = shard_folder(str(shards), "train")
-    truncate(shards / "shard-000002.tar", 0.3)
+    truncate(shards / "train" / "shard-000002.tar", 0.3)
     assert len(files.read(0)) > 100  # shard 0 is whole
     with pytest.raises(BadImage, match="shard-000002.tar .*shard truncated"):
         files.read(len(files) - 1)
