@@ -314,10 +314,12 @@ class ReLAAccelerator(nn.Module):
     def loss(self, features_1: torch.Tensor, features_2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return rela_loss(self.transfer(features_1), self.transfer(features_2), self.targets[index])
 
-    def step_loss(self, backbone: nn.Module, images: torch.Tensor, index: torch.Tensor,
+    def step_loss(self, backbone: nn.Module, view, index: torch.Tensor,
                   normalize: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ReLA part of a training step: two cheap views through the learner, regressed onto the
-        targets of ``index`` (no momentum forward). Returns the loss and the first view's features."""
-        f1 = backbone(normalize(self.view(images))).flatten(1)
-        f2 = backbone(normalize(self.view(images))).flatten(1)
+        """The ReLA part of a training step: two cheap views (``view(0)``, ``view(1)``: made on the device
+        from the batch in memory mode, by the loader's workers in stream mode) through the learner,
+        regressed onto the targets of ``index`` (no momentum forward). Returns the loss and the first
+        view's features."""
+        f1 = backbone(normalize(view(0))).flatten(1)
+        f2 = backbone(normalize(view(1))).flatten(1)
         return self.loss(f1, f2, index), f1

@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 from rela.data.datasets import ImageDataset
 from rela.errors import RelaError
 from rela.features import embed
+from rela.hardware import to_device
 from rela.io import atomic_write, load_json, save_json
 from rela.priors import Prior
 from rela.registry import BANK_DTYPES
@@ -258,19 +259,62 @@ def extract(prior: Prior, dataset: ImageDataset, *, batch_size: int = 512, devic
 
 
 def extract_chunks(prior: Prior, dataset: ImageDataset, writer: BankWriter, *, rank: int = 0,
-                   world_size: int = 1, batch_size: int = 512, device="cpu", progress: bool = True) -> list[int]:
-    """Compute the missing chunks of this rank's share (``writer.owned``); returns the ones it wrote."""
+                   world_size: int = 1, batch_size: int = 512, device="cpu", progress: bool = True,
+                   workers: int = 0) -> list[int]:
+    """Compute the missing chunks of this rank's share (``writer.owned``); returns the ones it wrote.
+
+    A streamed dataset (:class:`rela.data.stream.StreamSet`) is decoded by ``workers`` DataLoader
+    processes while the prior runs here; nothing but the batches in flight is held.
+    """
     todo = [i for i in writer.owned(rank, world_size) if not writer.chunk_path(i).is_file()]
     prior.model.to(device)
     try:
-        for i in tqdm(todo, desc=f"bank: {prior.name}", disable=not progress, leave=False):
-            start = time.perf_counter()
-            a, b = writer.rows_of(i)
-            values = embed(prior, dataset.images[a:b], batch_size=batch_size, device=device)
-            writer.write_chunk(i, values.numpy(), time.perf_counter() - start)
+        chunks = (_memory_chunks(prior, dataset, writer, todo, batch_size, device) if dataset.images is not None
+                  else _streamed_chunks(prior, dataset, writer, todo, batch_size, device, workers))
+        with tqdm(total=len(todo), desc=f"bank: {prior.name}", disable=not progress, leave=False) as bar:
+            for i, values, seconds in chunks:
+                writer.write_chunk(i, values, seconds)
+                bar.update()
     finally:
         prior.model.cpu()
     return todo
+
+
+def _memory_chunks(prior, dataset, writer, todo, batch_size, device):
+    for i in todo:
+        start = time.perf_counter()
+        a, b = writer.rows_of(i)
+        values = embed(prior, dataset.images[a:b], batch_size=batch_size, device=device)
+        yield i, values.numpy(), time.perf_counter() - start
+
+
+def _streamed_chunks(prior, dataset, writer, todo, batch_size, device, workers):
+    """(chunk, features, seconds) per chunk of ``todo``, the images decoded in DataLoader workers.
+
+    With ``--skip-bad-images`` a file that does not decode gets its chunk's mean feature row (rows
+    stay aligned with the dataset's indices; training leaves the file out too).
+    """
+    from rela.data.stream import decode_loader
+
+    batches = [list(range(s, min(s + batch_size, b))) for i in todo
+               for a, b in [writer.rows_of(i)] for s in range(a, b, batch_size)]
+    loader = decode_loader(dataset, batches, workers, pin_memory=str(device).startswith("cuda"))
+    parts, start = [], time.perf_counter()
+    for rows, batch in zip(batches, loader):
+        dataset.bad(batch["bad"])  # a one-line error unless --skip-bad-images
+        good = prior(to_device(batch["image"], device)).float().cpu() if len(batch["index"]) else None
+        parts.append((batch["index"], good))
+        chunk = rows[0] // writer.chunk_rows
+        a, b = writer.rows_of(chunk)
+        if rows[-1] + 1 == b:
+            found = [(index, values) for index, values in parts if values is not None]
+            if not found:
+                raise RelaError(f"none of the images {a}..{b - 1} of {dataset.name} decodes; bank not written")
+            index, values = torch.cat([i for i, _ in found]), torch.cat([v for _, v in found])
+            out = values.mean(0, keepdim=True).repeat(b - a, 1)  # the rows of bad files
+            out[index - a] = values
+            yield chunk, out.numpy(), time.perf_counter() - start
+            parts, start = [], time.perf_counter()
 
 
 def open_bank(path: str | Path, key: str, dataset: ImageDataset | None = None, *,
@@ -318,7 +362,7 @@ def open_bank(path: str | Path, key: str, dataset: ImageDataset | None = None, *
 def load_or_extract(prior: Prior, dataset: ImageDataset, *, cache_dir: str | Path = ".cache/rela",
                     path: str | Path | None = None, device="cpu", progress: bool = True,
                     batch_size: int = 512, dtype: str = "float16", chunk_rows: int = CHUNK_ROWS,
-                    verify: bool = False) -> tuple[torch.Tensor, dict]:
+                    verify: bool = False, workers: int = 0) -> tuple[torch.Tensor, dict]:
     """Raw prior features for every training image (memory-mapped), extracted unless cached.
 
     Inside a torch.distributed process group every rank must call this (it shards the
@@ -337,7 +381,7 @@ def load_or_extract(prior: Prior, dataset: ImageDataset, *, cache_dir: str | Pat
         # the lock file is made; a finished bank always has its metadata file before its chunks go).
         open_bank(path, key, dataset)
     hit = writer.complete() or _extract(prior, dataset, writer, batch_size=batch_size, device=device,
-                                        progress=progress)
+                                        progress=progress, workers=workers)
     array, meta = open_bank(path, key, dataset, verify=verify)
     feats = torch.from_numpy(array)
     return feats, {"bank_file": str(path), "bank_key": key, "bank_cache_hit": hit,

@@ -9,16 +9,22 @@ Every name goes through :mod:`rela.registry`, so a bad one fails here, before an
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from rela.accelerator import ReLAAccelerator, build_switch
 from rela.backbones import build_backbone
 from rela.bank import load_or_extract
 from rela.config import TrainConfig
+from rela.errors import RelaError
 from rela.data import ImageDataset, load_dataset
+from rela.data.datasets import DEFAULT_IMAGE_SIZE
+from rela.data.files import open_files
+from rela.data.stream import StreamSet
 from rela.flops import prior_flops_per_image
 from rela.methods import Method, build_method
 from rela.priors import Prior, build_prior
@@ -31,11 +37,54 @@ def device_for(accelerator: str) -> str:
     return "cuda" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "cpu"
 
 
-def load_data(cfg: TrainConfig, split: str) -> ImageDataset:
-    """This run's training or evaluation split (the holdout split when ``holdout`` is set)."""
+RAM_SHARE = 0.25  # data mode auto: memory mode when the decoded training set fits this share of RAM
+
+
+def load_data(cfg: TrainConfig, split: str, mode: str = "memory") -> ImageDataset | StreamSet:
+    """This run's training or evaluation split (the holdout split when ``holdout`` is set).
+
+    ``mode="stream"``: an index of the files (:class:`StreamSet`), decoded later in DataLoader workers.
+    """
     limit = cfg.train_limit if split == "train" else cfg.test_limit
+    if mode == "stream":
+        return load_stream(cfg, split).subset(limit)
     return load_dataset(cfg.dataset, split, cfg.data_root, cfg.download, limit, cfg.image_size,
-                        holdout=cfg.holdout, skip_bad_images=cfg.skip_bad_images)
+                        holdout=cfg.holdout, skip_bad_images=cfg.skip_bad_images, verify_data=cfg.verify_data)
+
+
+def load_stream(cfg: TrainConfig, split: str) -> StreamSet:
+    from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+    files = open_files(cfg.dataset, "train" if cfg.holdout else split, cfg.skip_bad_images)
+    if cfg.holdout:
+        if not 0 < cfg.holdout < len(files):
+            raise RelaError(f"holdout must be between 1 and {len(files) - 1} for {cfg.dataset}, got {cfg.holdout}")
+        cut = len(files) - cfg.holdout
+        files = files.take(slice(None, cut) if split == "train" else slice(cut, None))
+        files.split = f"{split}-holdout{cfg.holdout}"
+    return StreamSet(files, cfg.image_size or DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD,
+                     skip_bad_images=cfg.skip_bad_images, verify_data=cfg.verify_data)
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_data_mode(cfg: TrainConfig, ram: int | None = None) -> tuple[str, str]:
+    """(memory or stream, why): ``auto`` takes memory when N x C x H x W bytes (per process) fit 25% of RAM."""
+    if cfg.data_mode != "auto":
+        return cfg.data_mode, "--data-mode " + cfg.data_mode
+    files = open_files(cfg.dataset, "train", cfg.skip_bad_images)
+    if files is None:
+        return "memory", f"{cfg.dataset} is not a folder of image files"
+    n = min(len(files), cfg.train_limit or len(files))
+    side = cfg.image_size or DEFAULT_IMAGE_SIZE
+    need = n * 3 * side * side * cfg.devices  # every process on this machine holds its own copy
+    budget = RAM_SHARE * (ram or ram_bytes())
+    copies = f" x {cfg.devices} processes" if cfg.devices > 1 else ""
+    why = (f"decoded set {n} x 3 x {side} x {side} bytes{copies} = {need / 2**30:.2f} GiB "
+           f"{'<=' if need <= budget else '>'} budget {budget / 2**30:.2f} GiB = {RAM_SHARE:.0%} of RAM")
+    return ("memory" if need <= budget else "stream"), why
 
 
 def prior_for(spec: str, data: ImageDataset, *, learner_arch: str, seed: int,
@@ -64,6 +113,7 @@ class Prepared:
     feature_dim: int
     bank_info: dict
     device: str
+    data_mode: str = "memory"
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -71,8 +121,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     device = device_for(cfg.accelerator)
     # 1. data
-    train_set = load_data(cfg, "train")
-    test_set = load_data(cfg, "test") if cfg.probe_every else None
+    mode, why = choose_data_mode(cfg)
+    rank_zero_only(print)(f"data mode: {mode} ({why})")
+    train_set = load_data(cfg, "train", mode)
+    test_set = load_data(cfg, "test", mode) if cfg.probe_every else None
     # 2. learner + base method
     backbone, feature_dim = build_backbone(cfg.backbone, train_set.channels, train_set.image_size)
     method = build_method(cfg.method, backbone, feature_dim, train_set.num_classes, **method_options(cfg))
@@ -83,7 +135,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     rela, info = None, {"bank_seconds": 0.0, "target_dim": None, "target_explained_variance": None}
     if prior is not None:
         raw, info = load_or_extract(prior, train_set, cache_dir=cfg.cache_dir, path=cfg.bank, device=device,
-                                    progress=cfg.progress, dtype=cfg.bank_dtype)
+                                    progress=cfg.progress, dtype=cfg.bank_dtype, workers=workers(cfg))
         targets = transport(raw, min(feature_dim, raw.shape[1]), variance=cfg.target_variance)
         info.update(prior_name=prior.name, target_dim=targets.values.shape[1],
                     bank_flops=len(train_set) * prior_flops_per_image(
@@ -91,4 +143,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
                     target_explained_variance=targets.explained_variance)
         rela = ReLAAccelerator(feature_dim, targets.values, build_switch(cfg.switch),
                                train_transfer=cfg.transfer_head == "trained")
-    return Prepared(train_set, test_set, method, rela, feature_dim, info, device)
+    return Prepared(train_set, test_set, method, rela, feature_dim, info, device, mode)
+
+
+def workers(cfg: TrainConfig) -> int:
+    """DataLoader workers of stream mode (bank extraction and training)."""
+    from rela.data.stream import default_workers
+
+    return default_workers() if cfg.num_workers is None else cfg.num_workers

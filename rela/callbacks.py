@@ -28,6 +28,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from rela.data import ImageDataset
+from rela.data.stream import in_memory
 from rela.evaluate import backbone_features, knn_accuracy
 
 PROBE_TRAIN_IMAGES, PROBE_TEST_IMAGES = 5000, 2000
@@ -98,8 +99,8 @@ class KNNMonitor(Callback):
         if every < 1 or k < 1:
             raise ValueError(f"KNNMonitor needs every >= 1 and k >= 1, got every={every}, k={k}")
         self.every, self.k, self.name = every, k, name
-        self.memory = memory.subset(memory_images)
-        self.queries = queries.subset(query_images)
+        self.memory = in_memory(memory, memory_images)  # decoded once, also when the run streams
+        self.queries = in_memory(queries, query_images)
 
     def score(self, module) -> float:
         """The k-NN top-1 of ``module``'s backbone now."""

@@ -1,4 +1,4 @@
-"""Command line: ``rela train``, ``eval``, ``export``, ``demo``, ``diagnose``, ``rank-priors``.
+"""Command line: ``rela train``, ``eval``, ``export``, ``demo``, ``diagnose``, ``rank-priors``, ``shard``.
 
 User errors (bad names, missing files, values out of range) print one line and
 exit with code 2; nothing is written before the inputs have been checked.
@@ -24,6 +24,10 @@ TRAIN_FLAGS = {
     "--train-limit": (int, "use only the first N training images"),
     "--test-limit": (int, "use only the first N test images"),
     "--image-size": (int, "imagefolder: side length images are resized to"),
+    "--data-mode": (str, "auto | memory | stream: decode the whole set into RAM, or per sample in DataLoader "
+                         "workers (auto: memory when the decoded set fits 25%% of RAM)"),
+    "--num-workers": (int, "stream mode: DataLoader worker processes (default: cores - 1, at most 8)"),
+    "--prefetch-factor": (int, "stream mode: batches each worker prepares ahead (default 2)"),
     "--holdout": (int, "validation mode: train without the last N training images and evaluate on them"),
     "--backbone": (str, BACKBONES),
     "--method": (str, METHODS),
@@ -78,7 +82,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="batch-norm statistics over all processes (default: on when training on more than "
                         "one device; --no-sync-batchnorm for per-process statistics)")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
-                   help="imagefolder: leave out (and count) files that do not decode instead of stopping")
+                   help="imagefolder/shards: leave out (and count) files that do not decode instead of stopping")
+    p.add_argument("--verify-data", action="store_true", default=None,
+                   help="imagefolder/shards: key the bank cache by every file's content (reads all bytes) "
+                        "instead of file names, sizes and modification times")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -100,6 +107,8 @@ def _cmd_train(args) -> int:
         print(f"trained {cfg.method} (prior {cfg.prior}): {metrics['steps']} steps, "
               f"{metrics['images_seen']} images, {metrics['train_seconds']:.1f} s training, "
               f"switch step {metrics['switch_step']}; outputs in {cfg.out}/")
+        if metrics.get("skipped_images"):
+            print(f"skipped {metrics['skipped_images']} image(s) that do not decode (--skip-bad-images)")
     return 0
 
 
@@ -160,6 +169,27 @@ def _cmd_rank_priors(args) -> int:
                          seed=args.seed, progress=args.progress, by=args.score)
     print(rank_markdown(report))
     print("written: " + ", ".join(str(f) for f in write_rank(report, args.out)))
+    return 0
+
+
+def _cmd_shard(args) -> int:
+    from pathlib import Path
+
+    from rela.data.files import image_folder, write_shards
+
+    base = Path(args.folder)
+    splits = ["train"] + (["test"] if any((base / n).is_dir() for n in ("test", "val")) else [])
+    if not (base / "train").is_dir():  # a flat folder of class folders: one training split
+        splits = ["train"]
+    out = Path(args.out)
+    for split in splits:
+        files = image_folder(args.folder, split)
+        dest = out / split if (base / "train").is_dir() else out
+        index = write_shards(files, dest, args.samples_per_shard)
+        size = sum(s["bytes"] for s in index["shards"])
+        print(f"{split}: {index['samples']} images of {files.root} -> {len(index['shards'])} shard(s), "
+              f"{size / 2**20:.1f} MiB in {dest}/")
+    print(f"train on them with: rela train --dataset shards:{out} --data-mode stream")
     return 0
 
 
@@ -231,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2048, help="augmented views scored per prior")
     p.add_argument("--score", default="stability", help="stability | retrieval | effective_rank")
     p.set_defaults(func=_cmd_rank_priors)
+    p = sub.add_parser("shard", help="convert an image folder into WebDataset tar shards (dataset shards:OUT)")
+    p.add_argument("folder", help="image folder: one sub-folder per class, or train/ and test/ (or val/) of them")
+    p.add_argument("out", help="output folder (train/ and test/ inside when the image folder has them)")
+    p.add_argument("--samples-per-shard", type=int, default=10_000,
+                   help="images per tar file (default 10000: about 1 GB of ImageNet JPEGs)")
+    p.set_defaults(func=_cmd_shard)
     return parser
 
 

@@ -22,6 +22,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed")
 TRANSFER_HEADS = ("trained", "frozen")  # frozen: a fixed random linear map, as in the authors' code
 SWITCH_AUG_AT = ("step", "epoch")  # when the base method's augmentations replace ReLA's after the switch
+DATA_MODES = ("auto", "memory", "stream")
 
 
 def _coerce(value, hint, where: str):
@@ -56,6 +57,10 @@ class TrainConfig:
     image_size: int | None = None  # imagefolder: side the images are resized to (default 64)
     holdout: int | None = None  # evaluate on the last N training images instead of the test split
     skip_bad_images: bool = False  # imagefolder: skip (and count) files that do not decode instead of failing
+    data_mode: str = "auto"  # memory | stream | auto (memory when the decoded set fits 25% of RAM)
+    num_workers: int | None = None  # stream mode: DataLoader workers (default: cores - 1, at most 8)
+    prefetch_factor: int = 2  # stream mode: batches each worker prepares ahead
+    verify_data: bool = False  # key image files by their content (hash every byte), not names/sizes/mtimes
     # learner and method
     backbone: str = "convnet"
     method: str = "byol"
@@ -134,6 +139,15 @@ class TrainConfig:
             raise RelaError(f"accelerator {self.accelerator!r} asked for, but no CUDA device is available")
         if self.precision not in PRECISIONS:
             raise unknown("precision", self.precision, PRECISIONS)
+        if self.data_mode not in DATA_MODES:
+            raise unknown("data mode", self.data_mode, DATA_MODES)
+        if self.data_mode == "stream" and self.dataset.partition(":")[0] not in ("imagefolder", "shards"):
+            raise RelaError(f"data mode 'stream' reads image files: it needs an imagefolder:PATH or "
+                            f"shards:PATH dataset, not {self.dataset!r} (which is held in memory)")
+        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise RelaError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if not isinstance(self.prefetch_factor, int) or self.prefetch_factor < 1:
+            raise RelaError(f"prefetch_factor must be an integer >= 1, got {self.prefetch_factor!r}")
         return self
 
     def to_dict(self) -> dict:

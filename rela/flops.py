@@ -58,9 +58,10 @@ def step_flops_per_image(method: Method, rela: ReLAAccelerator | None, normalize
     flops = {}
     with untouched(method, rela):
         if rela is not None:
-            flops["rela"] = count_flops(
-                lambda: rela.step_loss(method.backbone, images, index, normalize)[0].backward()) / len(images)
-        flops["method"] = count_flops(lambda: method.step_loss(images, labels, normalize).loss.backward()) / len(images)
+            flops["rela"] = count_flops(lambda: rela.step_loss(
+                method.backbone, lambda k: rela.view(images), index, normalize)[0].backward()) / len(images)
+        flops["method"] = count_flops(lambda: method.step_loss(
+            [view(images) for view in method.views], labels, normalize).loss.backward()) / len(images)
     return flops
 
 

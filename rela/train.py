@@ -27,10 +27,11 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
 from rela.accelerator import Progress, ReLAAccelerator
-from rela.build import prepare
+from rela.build import prepare, workers
 from rela.callbacks import KNNMonitor, StepMetrics
 from rela.config import TrainConfig
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
+from rela.data.stream import StreamBatches, StreamSet, in_memory
 from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.flops import run_flops, step_flops_per_image
@@ -76,9 +77,17 @@ class ReLAModule(L.LightningModule):
         # Labels train this classifier for monitoring only: its input is detached.
         self.monitor = nn.Linear(method.feature_dim, dataset.num_classes)
         self.normalize = Normalize(dataset.mean, dataset.std, dataset.channels)
-        # The whole (small) dataset rides along to the training device; batches are index tensors.
-        self.register_buffer("images", dataset.images, persistent=False)
-        self.register_buffer("labels", dataset.labels, persistent=False)
+        self.num_samples, self.stream = len(dataset), None
+        if isinstance(dataset, StreamSet):  # stream mode: workers decode and augment (rela.data.stream)
+            if cfg.switch_aug_at != "step":
+                raise RelaError("--switch-aug-at epoch works in memory mode only (stream-mode workers make "
+                                "the method's views); use --data-mode memory or --switch-aug-at step")
+            self.stream = StreamBatches(dataset, rela.view if rela is not None else None, method.views,
+                                        seed=cfg.seed, workers=workers(cfg), prefetch=cfg.prefetch_factor,
+                                        pin_memory=True)
+        else:  # the whole (small) dataset rides along to the training device; batches are index tensors
+            self.register_buffer("images", dataset.images, persistent=False)
+            self.register_buffer("labels", dataset.labels, persistent=False)
         # rela_phase_images / method_phase_images: images of the steps that ran the ReLA loss / the method's
         # loss (a soft hand-over runs both), what the FLOP count in metrics.json multiplies (rela.flops).
         self.budget = {"steps": 0, "images_seen": 0, "train_seconds": 0.0, "rela_phase_images": 0,
@@ -97,7 +106,7 @@ class ReLAModule(L.LightningModule):
 
     # --- data -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        sampler = DynamicSubsetSampler(len(self.labels), self.cfg.ratio, self.cfg.seed,
+        sampler = DynamicSubsetSampler(self.num_samples, self.cfg.ratio, self.cfg.seed,
                                        rank=self.global_rank, world_size=self.trainer.world_size)
         if self._sampler_state is not None:  # resuming: skip what the checkpointed run already trained on
             sampler.load_state_dict(self._sampler_state)
@@ -106,11 +115,33 @@ class ReLAModule(L.LightningModule):
         if batch_size < self.cfg.batch_size:
             warnings.warn(f"the subset per epoch and rank holds {len(sampler)} images; batch size "
                           f"lowered from {self.cfg.batch_size} to {batch_size}", stacklevel=1)
+        if self.stream is not None:
+            return self.stream.loader(sampler, batch_size)
         batches = BatchSampler(sampler, batch_size, drop_last=True)
         # An own generator: making an iterator would otherwise draw from the global RNG, which the
         # augmentations use, and a mid-epoch resume (one extra iterator) would then diverge.
-        return DataLoader(range(len(self.labels)), batch_sampler=batches, collate_fn=torch.tensor,
+        return DataLoader(range(self.num_samples), batch_sampler=batches, collate_fn=torch.tensor,
                           generator=torch.Generator().manual_seed(self.cfg.seed))
+
+    def batch_views(self, batch):
+        """(index, labels, k -> k-th ReLA view, () -> the method's views) of a batch, or None (nothing decoded).
+
+        Memory mode augments on the device, lazily, in the order the step asks; stream mode's views
+        come augmented from the workers.
+        """
+        if self.stream is None:
+            x = self.images[batch]
+
+            def method_views() -> list[torch.Tensor]:
+                self.views_used = self.ssl_views()
+                return [view(x) for view in self.views_used]
+
+            return batch, self.labels[batch], lambda k: self.rela.view(x), method_views
+        parts = self.stream.split(batch)
+        if parts is None:
+            return None
+        index, y, rela_views, method_views = parts
+        return index, y, rela_views.__getitem__, lambda: method_views
 
     # --- one step ---------------------------------------------------------------------
     def progress(self) -> Progress:
@@ -118,8 +149,11 @@ class ReLAModule(L.LightningModule):
         return Progress(self.global_step, int(self.trainer.estimated_stepping_batches), self.current_epoch,
                         self.trainer.max_epochs)
 
-    def training_step(self, index: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        x, y = self.images[index], self.labels[index]
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        parts = self.batch_views(batch)
+        if parts is None:
+            return None
+        index, y, rela_view, method_views = parts
         progress = self.progress()
         step, max_steps = progress.step, progress.total_steps
         momentum = self.method.update_momentum(step, max_steps)  # in the ReLA phase too (spec step 4)
@@ -131,12 +165,11 @@ class ReLAModule(L.LightningModule):
         if self.rela is not None:
             logs["rela_loss"] = math.nan
         if lam > 0:  # ReLA phase: two cheap views regressed onto the prior's targets
-            rela_loss, features = self.rela.step_loss(self.method.backbone, x, index, self.normalize)
+            rela_loss, features = self.rela.step_loss(self.method.backbone, rela_view, index, self.normalize)
             loss = lam * rela_loss
             logs["rela_loss"] = rela_loss.detach()
         if lam < 1:  # the method's loss, on its own views (or ReLA's until the epoch ends: --switch-aug-at epoch)
-            self.views_used = self.ssl_views()
-            out = self.method.step_loss(x, y, self.normalize, self.views_used)
+            out = self.method.step_loss(method_views(), y, self.normalize)
             loss, features = loss + (1 - lam) * out.loss, out.features
             logs["method_loss"] = out.loss.detach()
         logits = self.monitor(features.detach().float())
@@ -197,6 +230,8 @@ class ReLAModule(L.LightningModule):
         checkpoint["rela_ssl_start_epoch"] = self.ssl_start_epoch
         if self._sampler is not None:
             checkpoint["rela_sampler"] = self._sampler.state_dict()
+            if self.stream is not None:  # workers run ahead of training: the position of the last trained batch
+                checkpoint["rela_sampler"]["consumed"] = self.stream.position
         # Augmentations draw from the global RNGs; saving them makes a resumed run repeat exactly.
         checkpoint["rela_rng"] = {"cpu": torch.get_rng_state(),
                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -351,7 +386,9 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
                 "state_dict": {k: v.cpu() for k, v in module.method.backbone.state_dict().items()}},
                out / "backbone.pt")
     switch_step = module.switch_step
-    per_image = step_flops_per_image(module.method, module.rela, module.normalize, module.images[:8], module.labels[:8])
+    sample = in_memory(train_set, 8)
+    per_image = step_flops_per_image(module.method, module.rela, module.normalize, sample.images.to(module.device),
+                                     sample.labels.to(module.device))
     previous = load_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
     metrics = {
         "dataset": cfg.dataset, "method": cfg.method, "prior": cfg.prior, "backbone": cfg.backbone,
@@ -361,6 +398,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
         "wall_seconds": module.wall_seconds(), "history": module.history, "target_variance": cfg.target_variance,
         **run.bank_info, "flops_per_image": per_image, "train_flops": run_flops(per_image, module.budget),
         "device": run.device, "precision": _precision(cfg), "skipped_images": len(train_set.skipped),
+        "data_mode": run.data_mode,
     }
     if previous.get("steps") == metrics["steps"]:  # resumed a finished run: its evaluation still holds
         metrics.update({k: v for k, v in previous.items() if k.endswith("_top1") or k in ("eval_test_images", "eval_split")})

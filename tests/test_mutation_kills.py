@@ -129,7 +129,14 @@ def test_step_loss_regresses_two_rela_views_onto_the_indexed_targets():
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     index = torch.tensor([7, 2, 2, 9])
     torch.manual_seed(1)
-    loss, features = acc.step_loss(backbone, images, index, normalize)
+    asked = []
+
+    def view(k):  # the k-th ReLA view, drawn when the step asks for it (memory mode's order)
+        asked.append(k)
+        return acc.view(images)
+
+    loss, features = acc.step_loss(backbone, view, index, normalize)
+    assert asked == [0, 1]
     torch.manual_seed(1)  # the same two random views, drawn by hand
     f1, f2 = (backbone(normalize(RELA_VIEW(images))).flatten(1) for _ in range(2))
     assert not torch.equal(f1, f2)  # two different views

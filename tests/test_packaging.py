@@ -56,7 +56,7 @@ def test_wheel_holds_the_package_and_license_but_no_benchmark_or_test(wheel):
     assert "License-Expression: MIT" in meta
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     assert not [r for r in requires if "matplotlib" in r and "extra ==" not in r]  # plots is an extra
-    for extra in ("plots", "digits", "timm", "clip", "hf", "all", "dev"):
+    for extra in ("plots", "digits", "timm", "clip", "hf", "shards", "all", "dev"):
         assert f"Provides-Extra: {extra}" in meta, extra
 
 

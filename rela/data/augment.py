@@ -28,6 +28,8 @@ class ViewAugment:
     jitter_p: float = 0.8
     gray_p: float = 0.2
     solarize_p: float = 0.0
+    blur_p: float = 0.0  # Gaussian blur, kernel ~10% of the side (blur_kernel), sigma uniform in blur_sigma
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
 
     def __call__(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """uint8 or [0, 1] float N x C x H x W -> float N x C x size x size in [0, 1]."""
@@ -35,6 +37,7 @@ class ViewAugment:
         x = random_resized_crop(x, size or x.shape[-1], self.crop_scale, self.crop_ratio, self.flip_p)
         x = color_jitter(x, *self.jitter, p=self.jitter_p)
         x = random_grayscale(x, self.gray_p)
+        x = random_blur(x, self.blur_p, self.blur_sigma)
         x = random_solarize(x, self.solarize_p)
         return x
 
@@ -61,16 +64,23 @@ def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
     return torch.rand(n, device=device) * (high - low) + low
 
 
+CROP_TRIES = 10  # torchvision's RandomResizedCrop attempts
+
+
 def random_resized_crop(x, size, scale, ratio, flip_p=0.0) -> torch.Tensor:
     """Per-sample RandomResizedCrop (+ horizontal flip) as one batched resampling."""
     n, device = x.shape[0], x.device
-    area = _uniform(n, *scale, device)
-    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), device)
-    aspect = torch.exp(log_r)
-    # Width and height as fractions of the image side; torchvision retries draws that do
-    # not fit, we clamp them, which only matters at the edges of the ranges.
-    w = torch.sqrt(area * aspect).clamp(max=1.0)
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    # torchvision's rule, batched: up to CROP_TRIES draws of (area, aspect) per sample, the first
+    # whose width and height (fractions of the image side) fit is taken, else the whole image.
+    # (Clamping misfits instead would favour large crops: +0.05 mean area at scale (0.08, 1).)
+    area = _uniform(n * CROP_TRIES, *scale, device).view(n, CROP_TRIES)
+    aspect = torch.exp(_uniform(n * CROP_TRIES, math.log(ratio[0]), math.log(ratio[1]), device)).view(n, CROP_TRIES)
+    w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+    fits = (w <= 1) & (h <= 1)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # index of the first draw that fits (0 if none)
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), torch.ones_like(found, dtype=w.dtype))
+    h = torch.where(found, h.gather(1, first).squeeze(1), torch.ones_like(found, dtype=h.dtype))
     cx = (torch.rand(n, device=device) * 2 - 1) * (1 - w)
     cy = (torch.rand(n, device=device) * 2 - 1) * (1 - h)
     flip = torch.where(torch.rand(n, device=device) < flip_p, -1.0, 1.0)
@@ -132,6 +142,29 @@ def random_grayscale(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     mask = (torch.rand(x.shape[0], device=x.device) < p)[:, None, None, None]
     return torch.where(mask, grayscale(x).expand_as(x), x)
+
+
+def blur_kernel(size: int) -> int:
+    """Gaussian-blur kernel side: about 10% of the image side (BYOL's rule), odd, at least 3."""
+    k = max(3, int(0.1 * size))
+    return k if k % 2 else k + 1
+
+
+def random_blur(x: torch.Tensor, p: float, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+    """Per-sample Gaussian blur (sigma drawn per sample) with probability ``p``: two grouped 1-D convolutions."""
+    if p <= 0:
+        return x
+    n, c, h, w = x.shape
+    k = blur_kernel(w)
+    s = _uniform(n, *sigma, x.device)
+    r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    kernel = torch.exp(-(r[None] ** 2) / (2 * s[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c) x k
+    y = F.pad(x.reshape(1, n * c, h, w), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c).reshape(n, c, h, w)
+    mask = (torch.rand(n, device=x.device) < p)[:, None, None, None]
+    return torch.where(mask, y, x)
 
 
 def random_solarize(x: torch.Tensor, p: float, threshold: float = 0.5) -> torch.Tensor:

@@ -27,6 +27,7 @@ from rela.errors import RelaError
 from rela.registry import DATASETS
 FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 64  # imagefolder / shards: side the images are decoded to
 
 
 @dataclass
@@ -74,8 +75,14 @@ class ImageDataset:
             return self
         return ImageDataset(
             self.name, self.split, self.images[:limit].clone(), self.labels[:limit].clone(),
-            self.num_classes, self.mean, self.std, skipped=self.skipped,
+            self.num_classes, self.mean, self.std, self.derived_key(f"first {limit}"), skipped=self.skipped,
         )
+
+    def derived_key(self, part: str) -> str | None:
+        """A part's fingerprint from a key set without hashing pixels (files' identity), else None (hash later)."""
+        if self._fingerprint is None:
+            return None
+        return hashlib.sha256(f"{self._fingerprint}|{part}".encode()).hexdigest()
 
 
 def load_dataset(
@@ -87,26 +94,30 @@ def load_dataset(
     image_size: int | None = None,
     holdout: int | None = None,
     skip_bad_images: bool = False,
+    verify_data: bool = False,
 ) -> ImageDataset:
     """Load ``split`` ("train" or "test") of the dataset called ``name``.
 
     With ``holdout=N`` the last N training images become the "test" split and the
     rest the training split: a validation set for choosing settings without
     touching the real test split. ``skip_bad_images`` leaves out image-folder
-    files that do not decode (listed in ``skipped``) instead of failing on the first.
+    files that do not decode (listed in ``skipped``) instead of failing on the first;
+    ``verify_data`` keys file datasets by their content, not their names, sizes and mtimes.
     """
     if split not in ("train", "test"):
         raise RelaError(f"unknown split {split!r}; valid choices: train, test")
     if holdout:
-        full = load_dataset(name, "train", root, download, None, image_size, skip_bad_images=skip_bad_images)
+        full = load_dataset(name, "train", root, download, None, image_size, skip_bad_images=skip_bad_images,
+                            verify_data=verify_data)
         if not 0 < holdout < len(full):
             raise RelaError(f"holdout must be between 1 and {len(full) - 1} for {name}, got {holdout}")
         keep = slice(None, len(full) - holdout) if split == "train" else slice(len(full) - holdout, None)
         part = ImageDataset(full.name, f"{split}-holdout{holdout}", full.images[keep].clone(),
-                            full.labels[keep].clone(), full.num_classes, full.mean, full.std, skipped=full.skipped)
+                            full.labels[keep].clone(), full.num_classes, full.mean, full.std,
+                            full.derived_key(f"{split}-holdout{holdout}"), skipped=full.skipped)
         return part.subset(limit)
     ds = DATASETS.create(name, split, root=root, download=download, image_size=image_size,
-                         skip_bad_images=skip_bad_images)
+                         skip_bad_images=skip_bad_images, verify_data=verify_data)
     return ds.subset(limit)
 
 
@@ -200,53 +211,56 @@ def _cifar(name: str, split: str, root, download: bool) -> ImageDataset:
     return ImageDataset(name, split, images, labels, len(ds.classes), mean, std)
 
 
-# --- ImageFolder (one sub-folder per class) -----------------------------------------
+# --- ImageFolder (one sub-folder per class) and WebDataset shards -------------------------
 
 @DATASETS.register("imagefolder", arg="PATH", help="one sub-folder per class; PATH/train + PATH/test or "
                                                    "PATH/val when present; --image-size, default 64")
-def _image_folder(path: str, split: str, image_size: int | None = None, skip_bad_images: bool = False,
-                  **_) -> ImageDataset:
-    from PIL import Image
-    from torchvision import datasets
-    from torchvision.transforms import v2
+def _image_folder(path: str, split: str, **options) -> ImageDataset:
+    from rela.data.files import image_folder
 
-    image_size = image_size or 64
-    base = Path(path).expanduser()
-    if not base.is_dir():
-        raise RelaError(f"image folder {base} does not exist")
-    names = ("train",) if split == "train" else ("test", "val")
-    split_dir = next((base / n for n in names if (base / n).is_dir()), None)
-    if split_dir is None:
-        if split == "test":
-            raise RelaError(f"image folder {base} has no test/ or val/ sub-folder to evaluate on")
-        split_dir = base  # the authors' layout: the folder itself holds one sub-folder per class
-    try:
-        folder = datasets.ImageFolder(str(split_dir))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise RelaError(f"image folder {split_dir}: {e}") from None
-    resize = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
-    images = torch.empty(len(folder), 3, image_size, image_size, dtype=torch.uint8)
-    good, skipped = [], []
-    for i, (path, _) in enumerate(folder.samples):
+    return decode_files(image_folder(path, split), **options)
+
+
+@DATASETS.register("shards", arg="PATH", help="WebDataset tar shards made by 'rela shard' (PATH/train, "
+                                              "PATH/test); --image-size, default 64")
+def _shards(path: str, split: str, skip_bad_images: bool = False, **options) -> ImageDataset:
+    from rela.data.files import shard_folder
+
+    return decode_files(shard_folder(path, split, skip_bad_images), skip_bad_images=skip_bad_images, **options)
+
+
+def decode_files(files, image_size: int | None = None, skip_bad_images: bool = False, verify_data: bool = False,
+                 **_) -> ImageDataset:
+    """Decode every image of a :class:`rela.data.files.FileSource` into memory (memory mode).
+
+    The bank key is the files' identity (names, sizes, modification times), not the decoded
+    bytes; ``verify_data`` keys it by their content instead (see :mod:`rela.data.files`).
+    """
+    from rela.data.files import BadImage
+
+    image_size = image_size or DEFAULT_IMAGE_SIZE
+    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    good, skipped = [], list(files.skipped)
+    for i in range(len(files)):
         try:
-            with Image.open(path) as im:
-                images[i] = resize(im.convert("RGB"))
+            images[i] = files.image(i, image_size)
             good.append(i)
-        except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken files
+        except BadImage as e:
             if not skip_bad_images:
-                raise RelaError(f"cannot decode image {path}: {e}; fix or remove it, or pass "
+                raise RelaError(f"cannot decode image {e.path}: {e.reason}; fix or remove it, or pass "
                                 "--skip-bad-images to leave such files out") from None
-            skipped.append(path)
-    labels = torch.tensor(folder.targets, dtype=torch.int64)
+            skipped.append(e.path)
+    labels = torch.from_numpy(files.labels.astype(np.int64))
     if skipped:
         if not good:
-            raise RelaError(f"image folder {split_dir}: none of its {len(skipped)} images decodes")
-        warnings.warn(f"skipped {len(skipped)} image(s) of {split_dir} that do not decode, e.g. {skipped[0]}",
+            raise RelaError(f"{files.name}: none of its {len(skipped)} images decodes")
+        warnings.warn(f"skipped {len(skipped)} image(s) of {files.root} that do not decode, e.g. {skipped[0]}",
                       stacklevel=2)
         images, labels = images[good], labels[good]
-    ident = f"imagefolder:{base.resolve()}"
-    return ImageDataset(ident, split, images, labels, len(folder.classes), IMAGENET_MEAN, IMAGENET_STD,
-                        skipped=tuple(skipped))
+    key = files.take(good).fingerprint(image_size, verify_data) if skipped else files.fingerprint(image_size,
+                                                                                                 verify_data)
+    return ImageDataset(files.name, files.split, images, labels, len(files.classes), IMAGENET_MEAN, IMAGENET_STD,
+                        _fingerprint=key, skipped=tuple(skipped))
 
 
 # --- scikit-learn's digits: a second, different small dataset -----------------------

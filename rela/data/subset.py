@@ -61,6 +61,9 @@ class DynamicSubsetSampler(Sampler[int]):
                             f"{state.get('size')} images per epoch, not --seed {self.seed} and {self.subset_size}; "
                             "resume with the run's own settings (its config.yaml)")
         self._resume_at = (int(state["epoch"]), int(state["consumed"]))
+        # Already the resumed epoch before Lightning's set_epoch: worker processes (stream mode) draw
+        # indices as soon as the loader's iterator exists, which Lightning makes before setting the epoch.
+        self.epoch = int(state["epoch"])
 
     def __len__(self) -> int:
         return self.subset_size // self.world_size

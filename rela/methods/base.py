@@ -48,11 +48,9 @@ class Method(nn.Module):
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> MethodOutput:
         raise NotImplementedError
 
-    def step_loss(self, images: torch.Tensor, labels: torch.Tensor, normalize: nn.Module,
-                  views: tuple[ViewAugment, ...] | None = None) -> MethodOutput:
-        """The method's part of a training step: views of a batch of raw images (its own unless
-        ``views`` is given), its loss."""
-        return self([normalize(view(images)) for view in (views or self.views)], labels)
+    def step_loss(self, views: list[torch.Tensor], labels: torch.Tensor, normalize: nn.Module) -> MethodOutput:
+        """The method's part of a training step: its loss on augmented (not yet normalised) views of a batch."""
+        return self([normalize(view) for view in views], labels)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x).flatten(1)
