@@ -350,6 +350,10 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     resuming = cfg.resume and last.is_file()
     if resuming:
         _check_checkpoint_fits(last, module)
+    # FLOPs per image of each step phase, counted now: before fit the networks hold plain BatchNorm (under DDP,
+    # SyncBatchNorm would wait in a collective for ranks that do not run this count)
+    sample = in_memory(train_set, 8)
+    per_image = step_flops_per_image(module.method, module.rela, module.normalize, sample.images, sample.labels)
     # 4. fit
     out.mkdir(parents=True, exist_ok=True)
     if dist_rank() == 0:  # the other ranks run alongside by now (_start_ranks): one process writes the folder
@@ -386,9 +390,6 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
                 "state_dict": {k: v.cpu() for k, v in module.method.backbone.state_dict().items()}},
                out / "backbone.pt")
     switch_step = module.switch_step
-    sample = in_memory(train_set, 8)
-    per_image = step_flops_per_image(module.method, module.rela, module.normalize, sample.images.to(module.device),
-                                     sample.labels.to(module.device))
     previous = load_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
     metrics = {
         "dataset": cfg.dataset, "method": cfg.method, "prior": cfg.prior, "backbone": cfg.backbone,

@@ -209,7 +209,7 @@ def test_switch_decision_identical_on_all_ranks(offset_run):
 
 def test_metrics_logged_once_under_ddp(offset_run):
     out, _ = offset_run
-    assert sorted(p.name for p in (out / "logs").iterdir()) == ["metrics.csv"]  # one log, no metrics.1.csv
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["hparams.yaml", "metrics.csv"]  # one log, no metrics.1.csv
     with open(out / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = {k for row in rows for k, v in row.items() if v != ""}
