@@ -37,6 +37,7 @@ def _blocks_of(monkeypatch, rows: int, k: int) -> None:
 def _assert_same_up_to_sign(z: np.ndarray, ref: np.ndarray, atol: float) -> None:
     for j in range(ref.shape[1]):
         sign = np.sign(z[:, j] @ ref[:, j])
+        assert sign != 0, f"component {j} is zero or orthogonal to the reference"
         np.testing.assert_allclose(z[:, j], sign * ref[:, j], atol=atol, err_msg=f"component {j}")
 
 
