@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import fit, parameters
-from test_accelerator import at
+from test_accelerator import at, drive, reference_switch_step, run_switch
 from test_targets import _features, _numpy_pca
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from rela.accelerator import AdaptiveSwitch, NeverSwitch, PlateauSwitch, ReLAAccelerator, build_switch, rela_loss
+from rela.accelerator import AdaptiveSwitch, NeverSwitch, PlateauSwitch, Progress, ReLAAccelerator, build_switch, rela_loss
 from rela.backbones import build_backbone
 from rela.build import prepare
 from rela.config import TrainConfig
@@ -37,6 +37,7 @@ def _blocks_of(monkeypatch, rows: int, k: int) -> None:
 def _assert_same_up_to_sign(z: np.ndarray, ref: np.ndarray, atol: float) -> None:
     for j in range(ref.shape[1]):
         sign = np.sign(z[:, j] @ ref[:, j])
+        assert sign != 0, f"component {j} is zero or orthogonal to the reference"
         np.testing.assert_allclose(z[:, j], sign * ref[:, j], atol=atol, err_msg=f"component {j}")
 
 
@@ -157,6 +158,7 @@ def test_bad_switch_argument_says_what_it_must_be(spec, message):
 
 def test_switch_metrics_report_what_the_switch_watches():
     adaptive = AdaptiveSwitch()
+    assert adaptive.metrics() == {"rho": 0.0}  # nothing seen yet
     losses = [0.9, 0.8, 0.85]
     for step, loss in enumerate(losses):
         adaptive.update(loss, at(step))
@@ -261,3 +263,26 @@ def test_labels_train_the_monitor_only(tmp_path, prior):
     (backbone, monitor), (backbone_shuffled, monitor_shuffled) = trained
     assert all(torch.equal(backbone[k], backbone_shuffled[k]) for k in backbone)
     assert any(not torch.equal(monitor[k], monitor_shuffled[k]) for k in monitor)
+
+
+def test_progress_steps_is_a_fraction_of_the_run_but_at_least_one_step():
+    assert Progress(0, 1000).steps(0.05) == 50.0
+    assert Progress(0, 10).steps(0.05) == 1.0  # half a step rounds up to one, not more
+
+
+def test_adaptive_threshold_one_fires_when_the_emas_meet():
+    # a rising loss: the slow EMA falls to the fast one, their gap reaches 0 and rho is exactly 1
+    losses = np.full(2000, 3.0)
+    expected = reference_switch_step(losses, threshold=1.0)
+    assert expected is not None
+    assert drive(build_switch("adaptive:1"), losses) == expected
+
+
+def test_plateau_before_any_loss_and_at_a_loss_of_zero():
+    switch = PlateauSwitch()
+    assert math.isnan(switch.smoothed(at(0, 1000))) and switch.weight(at(0, 1000)) == 1.0
+    # A loss at its minimum, 0, never improves by a relative threshold: the plateau is reached
+    # patience (5 % of 1000 = 50 steps) after the first step, and the next step runs at lambda 0.
+    lams = run_switch(switch, np.zeros(1000))
+    assert int(switch.plateau_step) == 50 and int(switch.switch_step) == 51
+    assert lams[:51] == [1.0] * 51 and lams[51] == 0.0
