@@ -55,9 +55,10 @@ MUTANTS = {
     "update_momentum skipped": ("self.method.update_momentum(step, max_steps)", "pass"),
     "progress one step ahead": ("Progress(self.global_step,", "Progress(self.global_step + 1,"),
     "non-finite loss not caught": ("if not torch.isfinite(loss):", "if False:"),
-    "warm-up off by one (step / W)": ("return (step + 1) / warmup", "return step / warmup"),
-    "warm-up one step too long": ("if step < warmup:", "if step <= warmup:"),
-    "cosine spans the warm-up too": ("/ max(total - warmup, 1))", "/ max(total, 1))"),
+    # the LR schedule lives in rela/schedules.py: (old, new, file) for mutants outside TARGET
+    "warm-up off by one (step / W)": ("(step + 1) / warmup if", "step / warmup if", "rela/schedules.py"),
+    "warm-up one step too long": ("if step < warmup else", "if step <= warmup else", "rela/schedules.py"),
+    "cosine spans the warm-up too": ("/ max(total - warmup, 1))", "/ max(total, 1))", "rela/schedules.py"),
     "weight decay dropped": ("weight_decay=self.cfg.weight_decay)", ")"),
     "ReLA-phase images counted at lam 0": ("images * (self._batch_lam > 0)", "images * (self._batch_lam >= 0)"),
     "steps counted twice": ('self.budget["steps"] += 1', 'self.budget["steps"] += 2'),
@@ -109,10 +110,10 @@ def mutated_tree(tmp: Path, name: str | None) -> Path:
     for name_ in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name_, tree / name_)
     if name is not None:
-        old, new = MUTANTS[name]
-        source = (ROOT / TARGET).read_text()
-        assert source.count(old) == 1, f"mutant {name!r}: {old!r} occurs {source.count(old)} times in {TARGET}"
-        (tree / TARGET).write_text(source.replace(old, new))
+        old, new, target = (*MUTANTS[name], TARGET)[:3]
+        source = (ROOT / target).read_text()
+        assert source.count(old) == 1, f"mutant {name!r}: {old!r} occurs {source.count(old)} times in {target}"
+        (tree / target).write_text(source.replace(old, new))
     return tree
 
 
