@@ -83,9 +83,6 @@ class Switch(nn.Module):
     def update(self, loss: float, progress: Progress) -> None:
         """React to the ReLA loss of a step; subclasses that watch the loss override it."""
 
-    def metrics(self) -> dict[str, float]:
-        return {}
-
     def record_switch(self, step: int) -> None:
         """Mark the hand-over at ``step`` (the first step taken with weight 0, or the step that decided it)."""
         if not self.switched:
@@ -206,9 +203,6 @@ class RampSwitch(Switch):
         if self.length == 0:
             return 1.0 if progress.fraction < self.start else 0.0
         return min(1.0, max(0.0, 1 - (progress.fraction - self.start) / self.length))
-
-    def metrics(self) -> dict[str, float]:
-        return {"rho": float(self.rho)}
 
 
 class ConstantSwitch(Switch):

@@ -350,10 +350,6 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     resuming = cfg.resume and last.is_file()
     if resuming:
         _check_checkpoint_fits(last, module)
-    # FLOPs per image of each step phase, counted now: before fit the networks hold plain BatchNorm (under DDP,
-    # SyncBatchNorm would wait in a collective for ranks that do not run this count)
-    sample = in_memory(train_set, 8)
-    per_image = step_flops_per_image(module.method, module.rela, module.normalize, sample.images, sample.labels)
     # 4. fit
     out.mkdir(parents=True, exist_ok=True)
     if dist_rank() == 0:  # the other ranks run alongside by now (_start_ranks): one process writes the folder
@@ -381,6 +377,11 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
                 trainer.fit(module, ckpt_path=str(last) if resuming else None)
         finally:
             close_logger(logger)
+    # FLOPs per image of each step phase, counted on every rank: under DDP the networks now hold
+    # SyncBatchNorm, whose collective needs every process
+    sample = in_memory(train_set, 8)
+    per_image = step_flops_per_image(module.method, module.rela, module.normalize, sample.images.to(module.device),
+                                     sample.labels.to(module.device))
     if not trainer.is_global_zero:
         return {}
     # 5. outputs
