@@ -58,6 +58,13 @@ class Progress:
         return max(fraction * self.total_steps, 1.0)
 
 
+def _ramp_down(position: float, start: float, length: float) -> float:
+    """1 before ``start``, 0 from ``start + length``, linear in between (a step at ``start`` when ``length`` is 0)."""
+    if length == 0:
+        return 1.0 if position < start else 0.0
+    return min(1.0, max(0.0, 1 - (position - start) / length))
+
+
 class Switch(nn.Module):
     """When to hand over from ReLA to the base method. State lives in buffers so it checkpoints."""
 
@@ -150,14 +157,17 @@ class PlateauSwitch(Switch):
     def reached(self) -> bool:
         return int(self.plateau_step) >= 0
 
+    def decay(self, progress: Progress) -> float:
+        """The EMA's per-step decay: a window of ``smooth`` of the run."""
+        return 1 - 1 / progress.steps(self.smooth)
+
     def smoothed(self, progress: Progress) -> float:
-        decay = 1 - 1 / progress.steps(self.smooth)
-        return float(self.ema) / (1 - decay ** int(self.seen)) if int(self.seen) else math.nan
+        return float(self.ema) / (1 - self.decay(progress) ** int(self.seen)) if int(self.seen) else math.nan
 
     def update(self, loss: float, progress: Progress) -> None:
         if self.reached:
             return
-        decay = 1 - 1 / progress.steps(self.smooth)
+        decay = self.decay(progress)
         self.ema.mul_(decay).add_((1 - decay) * loss)
         self.seen.add_(1)
         smoothed = self.smoothed(progress)
@@ -189,7 +199,7 @@ class SoftPlateauSwitch(PlateauSwitch):
     def weight(self, progress: Progress) -> float:
         if not self.reached:
             return 1.0
-        return min(1.0, max(0.0, 1 - (progress.step - int(self.plateau_step)) / progress.steps(self.ramp)))
+        return _ramp_down(progress.step, int(self.plateau_step), progress.steps(self.ramp))
 
 
 class RampSwitch(Switch):
@@ -200,9 +210,7 @@ class RampSwitch(Switch):
         self.start, self.length = start, length
 
     def weight(self, progress: Progress) -> float:
-        if self.length == 0:
-            return 1.0 if progress.fraction < self.start else 0.0
-        return min(1.0, max(0.0, 1 - (progress.fraction - self.start) / self.length))
+        return _ramp_down(progress.fraction, self.start, self.length)
 
 
 class ConstantSwitch(Switch):
@@ -225,17 +233,17 @@ class NeverSwitch(Switch):
 
 # --- names -------------------------------------------------------------------------------
 
-def _numbers(arg: str, names: tuple[str, ...], high: float = 1.0, exact: bool = False) -> tuple[float, ...]:
-    """Colon-separated numbers in [0, high]: all of ``names`` if ``exact``, else up to as many."""
+def _numbers(arg: str, names: tuple[str, ...], exact: bool = False) -> tuple[float, ...]:
+    """Colon-separated fractions in [0, 1]: all of ``names`` if ``exact``, else up to as many."""
     parts = arg.split(":")
     try:
         values = tuple(float(v) for v in parts)
     except ValueError:
         values = ()
     count_ok = len(parts) == len(names) if exact else 1 <= len(parts) <= len(names)
-    if not count_ok or len(values) != len(parts) or not all(0 <= v <= high for v in values):
+    if not count_ok or len(values) != len(parts) or not all(0 <= v <= 1 for v in values):
         raise ValueError(f"{':'.join(names)} must be {'' if exact else 'up to '}{len(names)} number(s) "
-                         f"in [0, {high:g}], colon-separated")
+                         "in [0, 1], colon-separated")
     return values
 
 
