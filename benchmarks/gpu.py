@@ -12,15 +12,19 @@ Offline by design: the four Fashion-MNIST ``.gz`` files travel with the source t
 Per run it reports images/s (training images over training seconds), the GPU busy fraction (CUDA
 kernel time over wall time in a profiled window of ``--profile-steps`` steps after warm-up), peak
 GPU memory, k-NN and linear top-1 on the test split, and the cost ratio (training + bank seconds
-over BYOL-full's training seconds), into ``OUT/gpu_<tag>.json`` and ``.md``. The data path is the
-in-memory one (the whole dataset resident on the device, batches indexed there); rela has no
-streaming DataLoader path yet, so that comparison is reported as pending.
+over BYOL-full's training seconds), into ``OUT/gpu_<tag>.json`` and ``.md``.
+
+Two data paths: ``memory`` (every run; the whole dataset resident on the device, batches indexed
+and augmented there) and ``stream`` (``--stream-runs``, default BYOL-full and ReLA-20 %: the same
+32 x 32 x 3 images written once as lossless PNG files under RUNS_DIR/fmnist-rgb32-png, decoded and
+augmented per sample in ``--workers`` DataLoader workers, ``rela train --data-mode stream``). Both
+report the data-wait fraction: the share of step wall time spent waiting for the next batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import re
 import time
 from pathlib import Path
@@ -33,6 +37,7 @@ from common import add_output_args
 from rela.build import load_data
 from rela.config import TrainConfig
 from rela.data import ImageDataset, Normalize, load_dataset
+from rela.data.stream import default_workers
 from rela.evaluate import backbone_features, knn_accuracy, linear_probe
 from rela.io import save_json, save_text
 from rela.priors import build_saved_backbone, load_backbone_file
@@ -40,7 +45,6 @@ from rela.registry import DATASETS
 from rela.train import train
 
 RUNS = [("byol-full", "none", 1.0), ("rela-10", "random", 0.1), ("rela-20", "random", 0.2), ("rela-50", "random", 0.5)]
-DATALOADER_PATH = "pending: rela has no streaming DataLoader path yet (every dataset is resident on the device)"
 
 
 def fashion_mnist_rgb32(split: str, root=None, **_) -> ImageDataset:
@@ -55,6 +59,30 @@ try:  # a registered dataset: train, eval and the bank cache treat it like any o
     DATASETS.register(DATASET, help="Fashion-MNIST at 32x32x3 (benchmarks/gpu.py)")(fashion_mnist_rgb32)
 except ValueError:  # this module imported a second time
     pass
+
+
+def png_folder(root: Path, data_root, train_limit: int | None, test_limit: int | None) -> Path:
+    """The 32 x 32 x 3 images as PNG files, root/{train,test}/cN/I.png, written once (the stream path's data).
+
+    Lossless, so both data paths train on the same pixels; written to a temporary folder and renamed,
+    so an interrupted run leaves no half-written folder behind.
+    """
+    from PIL import Image
+
+    folder = root / f"fmnist-rgb32-png-{train_limit or 'all'}-{test_limit or 'all'}"
+    if folder.is_dir():
+        return folder
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    for split, limit in (("train", train_limit), ("test", test_limit)):
+        ds = fashion_mnist_rgb32(split, data_root)
+        n = min(limit or len(ds.labels), len(ds.labels))
+        for c in range(ds.num_classes):
+            (partial / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+        pixels = ds.images[:n].permute(0, 2, 3, 1).numpy()
+        for i, (image, label) in enumerate(zip(pixels, ds.labels[:n].tolist())):
+            Image.fromarray(image).save(partial / split / f"c{label}" / f"{i:05d}.png")
+    partial.rename(folder)
+    return folder
 
 
 class GpuProbe(Callback):
@@ -116,41 +144,51 @@ def accuracy(run: Path, cfg: TrainConfig, device: str, linear_epochs: int) -> di
 
 def run_all(args) -> dict:
     device = "cpu" if args.smoke else ("cuda" if torch.cuda.is_available() else "cpu")
+    stream_data = png_folder(args.runs_dir, args.data_root, args.train_limit, args.test_limit) if args.stream_runs else None
     rows = {}
     for name, prior, ratio in RUNS:
-        cfg = TrainConfig(dataset=DATASET, data_root=args.data_root, train_limit=args.train_limit,
-                          test_limit=args.test_limit, backbone=args.backbone, method="byol", prior=prior,
-                          switch="adaptive", ratio=ratio, epochs=args.epochs, batch_size=args.batch_size,
-                          accelerator="cpu" if args.smoke else "auto", probe_every=0, progress=False,
-                          cache_dir=str(args.runs_dir / "cache"), out=str(args.runs_dir / name))
-        probe = GpuProbe(args.compile, args.warmup_steps, args.profile_steps)
-        m = train(cfg, callbacks=[probe])
-        rows[name] = {"prior": prior, "ratio": ratio, "steps": m["steps"], "images_seen": m["images_seen"],
-                      "train_seconds": m["train_seconds"], "bank_seconds": m.get("bank_seconds", 0.0),
-                      "images_per_second": m["images_seen"] / m["train_seconds"], "switch_step": m["switch_step"],
-                      "precision": m["precision"], "gpu_busy_fraction": probe.result.get("gpu_busy_fraction"),
-                      "peak_gpu_memory_gb": probe.result.get("peak_gpu_memory_gb"),
-                      **accuracy(Path(cfg.out), cfg, device, args.linear_epochs)}
+        for path in ("memory", "stream") if name in args.stream_runs else ("memory",):
+            stream = path == "stream"
+            cfg = TrainConfig(dataset=f"imagefolder:{stream_data}" if stream else DATASET, data_root=args.data_root,
+                              image_size=32 if stream else None, data_mode=path, num_workers=args.workers if stream else None,
+                              train_limit=args.train_limit, test_limit=args.test_limit, backbone=args.backbone,
+                              method="byol", prior=prior, switch="adaptive", ratio=ratio, epochs=args.epochs,
+                              batch_size=args.batch_size, accelerator="cpu" if args.smoke else "auto",
+                              probe_every=0, progress=False, cache_dir=str(args.runs_dir / "cache"),
+                              out=str(args.runs_dir / (f"{name}-stream" if stream else name)))
+            probe = GpuProbe(args.compile, args.warmup_steps, args.profile_steps)
+            m = train(cfg, callbacks=[probe])
+            rows[f"{name}-stream" if stream else name] = {
+                "prior": prior, "ratio": ratio, "data_path": path, "steps": m["steps"], "images_seen": m["images_seen"],
+                "train_seconds": m["train_seconds"], "bank_seconds": m.get("bank_seconds", 0.0),
+                "images_per_second": m["images_seen"] / m["train_seconds"], "switch_step": m["switch_step"],
+                "data_wait_fraction": m["data_wait_fraction"], "precision": m["precision"],
+                "gpu_busy_fraction": probe.result.get("gpu_busy_fraction"),
+                "peak_gpu_memory_gb": probe.result.get("peak_gpu_memory_gb"),
+                **accuracy(Path(cfg.out), cfg, device, args.linear_epochs)}
     base = rows["byol-full"]["train_seconds"]
     for row in rows.values():
         row["cost_ratio"] = (row["train_seconds"] + row["bank_seconds"]) / base
     gpu = torch.cuda.get_device_name() if device == "cuda" else "none (CPU)"
     return {"device": gpu, "smoke": args.smoke, "backbone": args.backbone, "compile": args.compile,
             "channels_last": True, "epochs": args.epochs, "batch_size": args.batch_size,
-            "train_limit": args.train_limit, "dataloader_path": DATALOADER_PATH, "runs": rows}
+            "train_limit": args.train_limit, "stream_workers": args.workers, "runs": rows}
 
 
 def markdown(report: dict) -> str:
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [f"# GPU benchmark ({report['device']}, {report['backbone']}, compile={report['compile']}, "
              f"smoke={report['smoke']})", "",
-             "| run | ratio | images/s | GPU busy | peak GPU GB | k-NN top-1 | linear top-1 | cost ratio | switch step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | ratio | data path | images/s | data wait | GPU busy | peak GPU GB | k-NN top-1 | linear top-1 "
+             "| cost ratio | switch step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["runs"].items():
-        lines.append(f"| {name} | {r['ratio']} | {r['images_per_second']:.0f} | {fmt(r['gpu_busy_fraction'], '.2f')} "
+        lines.append(f"| {name} | {r['ratio']} | {r['data_path']} | {r['images_per_second']:.0f} "
+                     f"| {fmt(r['data_wait_fraction'], '.2f')} | {fmt(r['gpu_busy_fraction'], '.2f')} "
                      f"| {fmt(r['peak_gpu_memory_gb'], '.2f')} | {r['knn_top1']:.3f} | {r['linear_top1']:.3f} "
                      f"| {r['cost_ratio']:.2f} | {r['switch_step']} |")
-    return "\n".join(lines + ["", f"DataLoader path: {report['dataloader_path']}", ""])
+    return "\n".join(lines + ["", f"Stream path: PNG files decoded in DataLoader workers ({report['stream_workers']}) "
+                                  "(memory path: the dataset resident on the device).", ""])
 
 
 def main(argv=None) -> None:
@@ -166,6 +204,9 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--warmup-steps", type=int, default=20, help="steps before the profiled window")
     p.add_argument("--profile-steps", type=int, default=20)
+    p.add_argument("--stream-runs", nargs="*", default=["byol-full", "rela-20"], choices=[r[0] for r in RUNS],
+                   help="runs repeated on the DataLoader (stream) path; none: only the memory path")
+    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader workers of the stream path")
     p.add_argument("--smoke", action="store_true", help="CPU, convnet, 320 images, 1 epoch: checks the code path")
     args = p.parse_args(argv)
     if args.smoke:

@@ -45,7 +45,9 @@ class StepMetrics(Callback):
     ``log_every_n_steps``, so a logged row covers the steps since the previous one). On a GPU the
     split between busy and wait is approximate (kernels run asynchronously); their sum is wall time.
     ``train/lr`` is the learning rate the step used. ``train/switch_step`` is written once, directly
-    to the loggers at that step, whatever the logging interval.
+    to the loggers at that step, whatever the logging interval. ``wait_seconds`` and ``busy_seconds``
+    total this process's steps of the fit (since the resume, for a resumed run): ``rela train``
+    reports their ratio as ``data_wait_fraction`` in metrics.json.
     """
 
     def __init__(self, window: int | None = None):
@@ -55,6 +57,7 @@ class StepMetrics(Callback):
         self._start = 0.0
         self._lr = 0.0
         self._switch_logged = False
+        self.wait_seconds = self.busy_seconds = 0.0
 
     def on_train_start(self, trainer: L.Trainer, module) -> None:
         self._steps = deque(maxlen=self.window or max(trainer.log_every_n_steps, 1))
@@ -70,6 +73,8 @@ class StepMetrics(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
         end = time.perf_counter()
         self._steps.append((self._start - self._last_end, end - self._start, len(batch) * trainer.world_size))
+        self.wait_seconds += self._start - self._last_end
+        self.busy_seconds += end - self._start
         self._last_end = end
         wait = sum(s[0] for s in self._steps)
         total = wait + sum(s[1] for s in self._steps)

@@ -359,7 +359,8 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
         _keep_previous_log(out / "logs" / "metrics.csv")
     # Both write last.ckpt: at every epoch end and every checkpoint_every steps inside an epoch.
     every = [{"every_n_epochs": 1}] + ([{"every_n_train_steps": cfg.checkpoint_every}] if cfg.checkpoint_every else [])
-    callbacks = [*callbacks, StepMetrics()]
+    step_metrics = StepMetrics()
+    callbacks = [*callbacks, step_metrics]
     callbacks += [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
                                   enable_version_counter=False, **when) for when in every]
     if run.test_set is not None:
@@ -400,12 +401,17 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
         "wall_seconds": module.wall_seconds(), "history": module.history, "target_variance": cfg.target_variance,
         **run.bank_info, "flops_per_image": per_image, "train_flops": run_flops(per_image, module.budget),
         "device": run.device, "precision": _precision(cfg), "skipped_images": len(train_set.skipped),
-        "data_mode": run.data_mode,
+        "data_mode": run.data_mode, "data_wait_fraction": _share(step_metrics.wait_seconds, step_metrics.busy_seconds),
     }
     if previous.get("steps") == metrics["steps"]:  # resumed a finished run: its evaluation still holds
         metrics.update({k: v for k, v in previous.items() if k.endswith("_top1") or k in ("eval_test_images", "eval_split")})
     save_json(metrics, out / "metrics.json")
     return metrics
+
+
+def _share(wait: float, busy: float) -> float | None:
+    """The share of the steps' wall time spent waiting for batches (None when no step ran)."""
+    return wait / (wait + busy) if wait + busy > 0 else None
 
 
 def _check_checkpoint_fits(path: Path, module: ReLAModule) -> None:
