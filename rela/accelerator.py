@@ -126,7 +126,8 @@ class AdaptiveSwitch(Switch):
         self.loss_fast.mul_(self.fast_decay).add_((1 - self.fast_decay) * loss)
         self.loss_slow.mul_(self.slow_decay).add_((1 - self.slow_decay) * self.loss_fast)
         if self.rho >= self.threshold:
-            self.record_switch(progress.step)
+            # decided at step t: step t + 1 is the first base-method step, the hand-over (as the authors log it)
+            self.record_switch(progress.step + 1)
 
     def metrics(self) -> dict[str, float]:
         return {"rho": float(self.rho)}

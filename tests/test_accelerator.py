@@ -82,14 +82,15 @@ def test_accelerator_regresses_indexed_targets():
 
 
 def reference_switch_step(losses, threshold=0.995):
-    """The spec's rule, written out independently of rela."""
+    """The spec's rule, written out independently of rela: rho crossing the threshold at step t makes
+    t + 1 the first base-method step, which is the hand-over recorded (the authors log t + 1 too)."""
     fast, slow = 1.0, 2.0
     for step, loss in enumerate(losses):
         rho = math.exp(-max(slow - fast, 0.0))
         fast = 0.999 * fast + 0.001 * loss
         slow = 0.99 * slow + 0.01 * fast
         if rho >= threshold:
-            return step
+            return step + 1
     return None
 
 

@@ -161,7 +161,7 @@ ReLAAccelerator.loss, ReLAModule.training_step, ReLAModule.on_train_end = offset
 sys.exit(main(sys.argv[1:]))
 """
 # With rank 1's loss 100 above rank 0's, the adaptive rule (threshold 0.45) fed rank 0's losses
-# alone never fires in 16 steps, fed rank 1's fires after its 3rd step and fed their average after
+# alone never fires in 16 steps, fed rank 1's hands over after its 3rd step and fed their average after
 # its 5th (test_accelerator.reference_switch_step): each way of combining the ranks shows.
 OFFSET, OFFSET_SWITCH, OFFSET_STEPS_PER_EPOCH = 100.0, "adaptive:0.45", N // 2 // BATCH
 
@@ -199,11 +199,12 @@ def test_switch_decision_identical_on_all_ranks(offset_run):
     # gives the hand-over; rank 0's or rank 1's losses alone give another one.
     threshold = float(OFFSET_SWITCH.partition(":")[2])
     mean = [(a + b) / 2 for a, b in zip(own[0], own[1])]
-    assert reference_switch_step(mean, threshold) == rela_steps - 1
+    assert reference_switch_step(mean, threshold) == rela_steps  # the first base-method step
     alone = [reference_switch_step(losses, threshold) for losses in own]
-    assert rela_steps - 1 not in alone, alone
-    switch_step = json.loads((out / "metrics.json").read_text())["switch_step"]
-    assert ranks[0]["switch_step"] == ranks[1]["switch_step"] == switch_step
+    assert rela_steps not in alone, alone
+    metrics = json.loads((out / "metrics.json").read_text())
+    switch_step = metrics["switch_step"]
+    assert ranks[0]["switch_step"] == ranks[1]["switch_step"] == switch_step == metrics["rela_steps"] == rela_steps
     assert 0 < switch_step < EPOCHS * OFFSET_STEPS_PER_EPOCH
 
 
