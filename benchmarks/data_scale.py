@@ -29,7 +29,6 @@ Results: ``data_scale.json`` and ``data_scale.md`` under ``--results``.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -42,7 +41,6 @@ import numpy as np
 
 from common import REPO, ResultsFile, add_output_args, command, table_head, write_report
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 IMAGENET = 1_281_167
 
@@ -56,35 +54,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--data-dir", type=Path, default=Path("/tmp/rela-data-scale"),
                    help="where the generated image folders, runs and banks go (kept between calls)")
-    p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one measured run
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST's folder (default: where rela finds it)")
     add_output_args(p)
     return p.parse_args(argv)
 
 
 # --- data ---------------------------------------------------------------------------------
 
-def fashion_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """All 70,000 Fashion-MNIST images (28 x 28 uint8) and labels."""
-    def idx(name):
-        with gzip.open(FMNIST / name) as f:
-            raw = f.read()
-        ndim = raw[3]
-        shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+def fashion_mnist(root) -> tuple[np.ndarray, np.ndarray]:
+    """All Fashion-MNIST images (train then test; 28 x 28 uint8) and labels, from rela's loader."""
+    from rela.data import load_dataset
 
-    images = np.concatenate([idx("train-images-idx3-ubyte.gz"), idx("t10k-images-idx3-ubyte.gz")])
-    labels = np.concatenate([idx("train-labels-idx1-ubyte.gz"), idx("t10k-labels-idx1-ubyte.gz")])
-    return images, labels
+    parts = [load_dataset("fashion-mnist", split, root) for split in ("train", "test")]
+    return (np.concatenate([p.images[:, 0].numpy() for p in parts]),
+            np.concatenate([p.labels.numpy() for p in parts]))
 
 
-def make_folder(root: Path, n: int, size: int) -> Path:
+def make_folder(root: Path, n: int, size: int, fmnist_root=None) -> Path:
     """``n`` JPEGs under root/CLASS/; image i is Fashion-MNIST image i mod 70k, resized and tinted per file."""
     from PIL import Image
 
     done = root / ".complete"
     if done.is_file():
         return root
-    images, labels = fashion_mnist()
+    images, labels = fashion_mnist(fmnist_root)
     for cls in CLASSES:
         (root / cls).mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -102,43 +95,7 @@ def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-# --- one measured run (in a child process) ---------------------------------------------------
-
-def data_wait_callback():
-    from lightning.pytorch.callbacks import Callback
-
-    class DataWait(Callback):
-        """Seconds between a batch's end and the next batch's start (waiting for data), and in steps."""
-
-        def __init__(self):
-            self.wait = self.step = 0.0
-            self._end = self._start = None
-
-        def on_train_epoch_start(self, trainer, module):
-            self._end = time.perf_counter()
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self._start = time.perf_counter()
-            self.wait += self._start - self._end
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self._end = time.perf_counter()
-            self.step += self._end - self._start
-
-    return DataWait()
-
-
-def child(spec: Path) -> None:
-    """Run the training the spec file describes and write its metrics + data wait next to it."""
-    from rela.config import TrainConfig
-    from rela.train import train
-
-    job = json.loads(spec.read_text())
-    wait = data_wait_callback()
-    metrics = train(TrainConfig(**job["config"]), callbacks=[wait])
-    metrics.update(data_wait_seconds=wait.wait, step_seconds=wait.step)
-    spec.with_suffix(".out.json").write_text(json.dumps(metrics))
-
+# --- one measured run (``rela train`` in a child process) -------------------------------------
 
 def tree_rss(root_pid: int) -> int:
     """Resident bytes of a process and all its descendants (from /proc)."""
@@ -164,11 +121,11 @@ def tree_rss(root_pid: int) -> int:
 
 
 def measured_run(config: dict, work: Path) -> dict:
-    """One training run in a child process; its metrics plus the peak RSS of its process tree."""
+    """``rela train --config`` in a child process; its metrics.json plus the peak RSS of its process tree."""
     work.mkdir(parents=True, exist_ok=True)
-    spec = work / "job.json"
-    spec.write_text(json.dumps({"config": config}))
-    proc = subprocess.Popen([sys.executable, __file__, "--child", str(spec)], cwd=REPO)
+    spec = work / "config.json"  # JSON is YAML: the run's TrainConfig fields
+    spec.write_text(json.dumps(config))
+    proc = subprocess.Popen([sys.executable, "-m", "rela", "train", "--config", str(spec)], cwd=REPO)
     peak, done = 0, threading.Event()
 
     def watch():
@@ -184,7 +141,7 @@ def measured_run(config: dict, work: Path) -> dict:
     watcher.join()
     if rc != 0:
         raise SystemExit(f"measured run failed (exit {rc}): {spec}")
-    metrics = json.loads(spec.with_suffix(".out.json").read_text())
+    metrics = json.loads((Path(config["out"]) / "metrics.json").read_text())
     return {**metrics, "peak_rss_bytes": peak}
 
 
@@ -197,15 +154,14 @@ def run_config(args, folder: Path, out: Path, cache: Path, mode: str) -> dict:
 
 def measure(args, n: int, mode: str) -> dict:
     """Bank extraction (fresh cache) + 1 epoch at ``args.ratio`` on N images in ``mode``."""
-    folder = make_folder(args.data_dir / f"jpeg-{n}", n, args.image_size)
+    folder = make_folder(args.data_dir / f"jpeg-{n}", n, args.image_size, args.data_root)
     work = args.data_dir / f"run-{n}-{mode}-w{args.workers}"
     cache = work / "cache"
     m = measured_run(run_config(args, folder, work / "run", cache, mode), work)
-    steps = m["step_seconds"] + m["data_wait_seconds"]
     return {"n": n, "mode": mode, "workers": args.workers, "peak_rss_mb": m["peak_rss_bytes"] / 2**20,
             "extract_images_per_s": n / m["bank_seconds"], "bank_seconds": m["bank_seconds"],
             "train_images_per_s": m["images_seen"] / m["train_seconds"], "images_seen": m["images_seen"],
-            "data_wait_fraction": m["data_wait_seconds"] / steps if steps else float("nan"),
+            "data_wait_fraction": m["data_wait_fraction"],  # rela train's StepMetrics: wait / (wait + steps)
             "folder_bytes": disk_bytes(folder), "bank_bytes": disk_bytes(Path(m["bank_file"])),
             "bank_dim": m["bank_shape"][1]}
 
@@ -272,8 +228,6 @@ def projection(runs: list[dict]) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.child is not None:
-        return child(args.child)
     results = ResultsFile(args.results / "data_scale.json", {"workers": args.workers, "image_size": args.image_size,
                                                                "ratio": args.ratio, "cores": os.cpu_count()},
                           command=command(__file__, sys.argv[1:]))
