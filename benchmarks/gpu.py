@@ -34,13 +34,11 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from common import add_output_args
-from rela.build import load_data
 from rela.config import TrainConfig
-from rela.data import ImageDataset, Normalize, load_dataset
+from rela.data import ImageDataset, load_dataset
 from rela.data.stream import default_workers
-from rela.evaluate import backbone_features, knn_accuracy, linear_probe
+from rela.evaluate import evaluate_run
 from rela.io import save_json, save_text
-from rela.priors import build_saved_backbone, load_backbone_file
 from rela.registry import DATASETS
 from rela.train import train
 
@@ -131,15 +129,8 @@ def _kernel_seconds(profiler) -> float:
     return busy / 1e6  # microseconds
 
 
-def accuracy(run: Path, cfg: TrainConfig, device: str, linear_epochs: int) -> dict:
-    blob = load_backbone_file(run / "backbone.pt")
-    backbone = build_saved_backbone(blob).to(device)
-    normalize = Normalize(blob["mean"], blob["std"], blob["channels"])
-    train_set, test_set = load_data(cfg, "train"), load_data(cfg, "test")
-    ftr, fte = (backbone_features(backbone, d.images, normalize, device=device) for d in (train_set, test_set))
-    knn = knn_accuracy(ftr, train_set.labels, fte, test_set.labels, train_set.num_classes, ks=(20, 200))
-    return {"knn_top1": knn[200], "linear_top1": linear_probe(ftr, train_set.labels, fte, test_set.labels,
-                                                              train_set.num_classes, epochs=linear_epochs)}
+def accuracy(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("knn_top1", "knn20_top1", "linear_top1")}
 
 
 def run_all(args) -> dict:
@@ -165,7 +156,7 @@ def run_all(args) -> dict:
                 "data_wait_fraction": m["data_wait_fraction"], "precision": m["precision"],
                 "gpu_busy_fraction": probe.result.get("gpu_busy_fraction"),
                 "peak_gpu_memory_gb": probe.result.get("peak_gpu_memory_gb"),
-                **accuracy(Path(cfg.out), cfg, device, args.linear_epochs)}
+                **accuracy(evaluate_run(cfg.out, linear_epochs=args.linear_epochs, device=device, progress=False))}
     base = rows["byol-full"]["train_seconds"]
     for row in rows.values():
         row["cost_ratio"] = (row["train_seconds"] + row["bank_seconds"]) / base

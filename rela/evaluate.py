@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rela.build import load_data
+from rela.build import choose_data_mode, load_data
 from rela.config import TrainConfig
 from rela.data import Normalize
 from rela.data.augment import to_float
 from rela.errors import RelaError
-from rela.features import embed
+from rela.data.stream import default_workers
+from rela.features import embed, embed_files
 from rela.io import load_json, save_json
 from rela.priors import build_saved_backbone, load_backbone_file
 
@@ -65,16 +67,34 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
         return (head(xte).argmax(1) == test_labels).float().mean().item()
 
 
-def backbone_features(backbone: nn.Module, images: torch.Tensor, normalize: Normalize, *,
-                      device="cpu", batch_size: int = 1024, desc: str | None = None) -> torch.Tensor:
+@contextmanager
+def _inference(backbone: nn.Module, normalize: Normalize, device):
+    """uint8 batch -> features with the backbone in eval mode (its mode restored afterwards)."""
     was_training = backbone.training
     backbone.eval()
     normalize = normalize.to(device)
     try:
-        return embed(lambda x: backbone(normalize(to_float(x))), images, batch_size=batch_size,
-                     device=device, desc=desc)
+        yield lambda x: backbone(normalize(to_float(x)))
     finally:
         backbone.train(was_training)
+
+
+def backbone_features(backbone: nn.Module, images: torch.Tensor, normalize: Normalize, *,
+                      device="cpu", batch_size: int = 1024, desc: str | None = None) -> torch.Tensor:
+    with _inference(backbone, normalize, device) as model:
+        return embed(model, images, batch_size=batch_size, device=device, desc=desc)
+
+
+def split_features(backbone: nn.Module, data, normalize: Normalize, *, device="cpu", batch_size: int = 1024,
+                   workers: int = 0, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of a split: an in-memory :class:`ImageDataset`, or a stream set whose files are
+    decoded in ``workers`` DataLoader workers (the images never all in memory; skipped files left out)."""
+    if data.images is not None:
+        return backbone_features(backbone, data.images, normalize, device=device, batch_size=batch_size,
+                                 desc=desc), data.labels
+    with _inference(backbone, normalize, device) as model:
+        features, index = embed_files(model, data, batch_size=batch_size, device=device, workers=workers, desc=desc)
+    return features, data.labels[index]
 
 
 def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data_root: str | None = None,
@@ -90,18 +110,23 @@ def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
     cfg.data_root, cfg.download = data_root or cfg.data_root, False
-    train, test = load_data(cfg, "train"), load_data(cfg, "test")
+    metrics = load_json(metrics_file) if metrics_file.is_file() else {}
+    # the data mode training used: a set too large for memory is evaluated from its files too
+    mode = metrics.get("data_mode") or choose_data_mode(cfg)[0]
+    train, test = load_data(cfg, "train", mode), load_data(cfg, "test", mode)
     normalize = Normalize(blob["mean"], blob["std"], blob["channels"])
-    ftr = backbone_features(backbone, train.images, normalize, device=device, desc="eval: train" if progress else None)
-    fte = backbone_features(backbone, test.images, normalize, device=device, desc="eval: test" if progress else None)
-    knn = knn_accuracy(ftr, train.labels, fte, test.labels, train.num_classes, ks=ks)
+    workers = default_workers() if cfg.num_workers is None else cfg.num_workers
+    ftr, ytr = split_features(backbone, train, normalize, device=device, workers=workers,
+                              desc="eval: train" if progress else None)
+    fte, yte = split_features(backbone, test, normalize, device=device, workers=workers,
+                              desc="eval: test" if progress else None)
+    knn = knn_accuracy(ftr, ytr, fte, yte, train.num_classes, ks=ks)
     results = {f"knn{k}_top1": acc for k, acc in knn.items()}
     results["knn_top1"] = knn[max(knn)]  # the largest k (200 by default), as in lightly's benchmarks
-    results["linear_top1"] = linear_probe(ftr, train.labels, fte, test.labels, train.num_classes,
-                                          epochs=linear_epochs, seed=cfg.seed)
-    results["eval_test_images"] = len(test)
+    results["linear_top1"] = linear_probe(ftr, ytr, fte, yte, train.num_classes, epochs=linear_epochs, seed=cfg.seed)
+    results["eval_test_images"] = len(yte)
     results["eval_split"] = test.split
-    metrics = load_json(metrics_file) if metrics_file.is_file() else {}
+    results["eval_data_mode"] = mode
     metrics.update(results)
     save_json(metrics, metrics_file)
     return metrics

@@ -404,7 +404,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
         "data_mode": run.data_mode, "data_wait_fraction": _share(step_metrics.wait_seconds, step_metrics.busy_seconds),
     }
     if previous.get("steps") == metrics["steps"]:  # resumed a finished run: its evaluation still holds
-        metrics.update({k: v for k, v in previous.items() if k.endswith("_top1") or k in ("eval_test_images", "eval_split")})
+        metrics.update({k: v for k, v in previous.items() if k.endswith("_top1") or k.startswith("eval_")})
     save_json(metrics, out / "metrics.json")
     return metrics
 

@@ -92,15 +92,17 @@ def test_csv_log_has_rho_and_the_switch_step(csv_run):
     # the ReLA phase logged every step up to the switch, and rho is the EMAs' statistic of those losses
     phase = sorted(rela_loss)
     assert phase == list(range(len(phase)))
-    rhos, switch = expected_rho([rela_loss[s] for s in phase])
-    assert switch is not None and switch == m["switch_step"] == phase[-1] < STEPS - 1
+    rhos, decided = expected_rho([rela_loss[s] for s in phase])
+    # rho crossed the threshold at the last ReLA step; the next one is the hand-over, the switch step
+    assert decided is not None and decided == phase[-1] and m["switch_step"] == decided + 1 < STEPS
+    switch = m["switch_step"]
     for step in phase:  # Lightning logs float32
         assert rho[step] == pytest.approx(rhos[step], rel=1e-6), step
-    # after the hand-over: the base method's loss, lambda 0, rho frozen at its last value
-    after = range(switch + 1, STEPS)
+    # from the hand-over on: the base method's loss, lambda 0, rho frozen at its last value
+    after = range(switch, STEPS)
     assert sorted(series(rows, "train/method_loss")) == list(after)
     assert all(series(rows, "train/lambda")[s] == 0 for s in after)
-    assert all(rho[s] == rho[switch] for s in after)
+    assert all(rho[s] == rho[decided] for s in after)
     # the switch step is written once, at its own step
     assert [(int(r["step"]), float(r["train/switch_step"])) for r in rows
             if r.get("train/switch_step", "")] == [(switch, switch)]

@@ -3,6 +3,7 @@ as memory mode (subsets, bank rows), reproducible with workers, data-mode choice
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -231,6 +232,27 @@ def test_streamed_bank_matches_memory_bank_and_resumes(tmp_path):
                                  progress=False)
     assert torch.allclose(feats_s.float(), feats_m.float(), rtol=1e-2, atol=1e-3)
     assert feats_s.float().std(0).mean() > 0.01  # rows differ: each image has its own features
+
+
+def test_stream_run_is_evaluated_from_its_files(tmp_path, monkeypatch):
+    """``rela eval`` of a stream-mode run streams both splits through DataLoader workers (the decoded set is never
+    built) and scores exactly what evaluating the same files in memory scores."""
+    from rela.data.stream import StreamSet
+    from rela.evaluate import evaluate_run
+
+    root = make_jpeg_folder(tmp_path / "pics", per_class=6)
+    run = tmp_path / "run"
+    train(stream_cfg(root, tmp_path, epochs=1, num_workers=2))
+    whole = StreamSet.decoded
+    monkeypatch.setattr(StreamSet, "decoded", lambda *a, **k: pytest.fail("eval decoded a whole split"))
+    streamed = evaluate_run(run, ks=(5,), linear_epochs=5, progress=False)
+    assert streamed["eval_data_mode"] == "stream" and streamed["eval_test_images"] == 18
+    monkeypatch.setattr(StreamSet, "decoded", whole)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "data_mode": "memory"}))
+    in_memory = evaluate_run(run, ks=(5,), linear_epochs=5, progress=False)
+    assert in_memory["eval_data_mode"] == "memory"
+    assert (streamed["knn5_top1"], streamed["linear_top1"]) == (in_memory["knn5_top1"], in_memory["linear_top1"])
 
 
 # --- shards ----------------------------------------------------------------------------------------
