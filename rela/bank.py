@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from rela.data.datasets import ImageDataset
 from rela.errors import RelaError
 from rela.features import embed
-from rela.hardware import to_device
+from rela.hardware import release_freed_memory, to_device
 from rela.io import atomic_write, load_json, save_json
 from rela.priors import Prior
 from rela.registry import BANK_DTYPES
@@ -274,6 +274,7 @@ def extract_chunks(prior: Prior, dataset: ImageDataset, writer: BankWriter, *, r
         with tqdm(total=len(todo), desc=f"bank: {prior.name}", disable=not progress, leave=False) as bar:
             for i, values, seconds in chunks:
                 writer.write_chunk(i, values, seconds)
+                release_freed_memory()  # resident memory stays that of one chunk, whatever the number of images
                 bar.update()
     finally:
         prior.model.cpu()

@@ -28,6 +28,7 @@ TRAIN_FLAGS = {
                          "workers (auto: memory when the decoded set fits 25%% of RAM)"),
     "--num-workers": (int, "stream mode: DataLoader worker processes (default: cores - 1, at most 8)"),
     "--prefetch-factor": (int, "stream mode: batches each worker prepares ahead (default 2)"),
+    "--augment-on": (str, "stream mode: device (default: workers decode, the training device augments whole batches as in memory mode) | workers (workers also augment each sample, torchvision v2)"),
     "--holdout": (int, "validation mode: train without the last N training images and evaluate on them"),
     "--backbone": (str, BACKBONES),
     "--method": (str, METHODS),

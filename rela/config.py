@@ -23,6 +23,7 @@ PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed")
 TRANSFER_HEADS = ("trained", "frozen")  # frozen: a fixed random linear map, as in the authors' code
 SWITCH_AUG_AT = ("step", "epoch")  # when the base method's augmentations replace ReLA's after the switch
 DATA_MODES = ("auto", "memory", "stream")
+AUGMENT_ON = ("device", "workers")  # stream mode: where the views are made
 
 
 def _coerce(value, hint, where: str):
@@ -60,6 +61,8 @@ class TrainConfig:
     data_mode: str = "auto"  # memory | stream | auto (memory when the decoded set fits 25% of RAM)
     num_workers: int | None = None  # stream mode: DataLoader workers (default: cores - 1, at most 8)
     prefetch_factor: int = 2  # stream mode: batches each worker prepares ahead
+    augment_on: str = "device"  # stream mode: workers decode, the training device augments batches (as memory
+    #   mode does); "workers": the workers also augment, per sample (torchvision v2)
     verify_data: bool = False  # key image files by their content (hash every byte), not names/sizes/mtimes
     # learner and method
     backbone: str = "convnet"
@@ -130,7 +133,8 @@ class TrainConfig:
                                 (LR_SCHEDULES, self.lr_schedule), (MOMENTUM_SCHEDULES, self.momentum_schedule),
                                 (LOGGERS, self.logger)):
             registry.check(value)
-        for name, choices in (("transfer_head", TRANSFER_HEADS), ("switch_aug_at", SWITCH_AUG_AT)):
+        for name, choices in (("transfer_head", TRANSFER_HEADS), ("switch_aug_at", SWITCH_AUG_AT),
+                              ("augment_on", AUGMENT_ON)):
             if getattr(self, name) not in choices:
                 raise unknown(name, getattr(self, name), choices)
         if self.accelerator not in ACCELERATORS:

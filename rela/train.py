@@ -35,7 +35,7 @@ from rela.data.stream import StreamBatches, StreamSet, in_memory
 from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.flops import run_flops, step_flops_per_image
-from rela.hardware import keep_freed_memory
+from rela.hardware import keep_freed_memory, release_freed_memory
 from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
 from rela.loggers import build_logger, close_logger
 from rela.methods import Method
@@ -78,13 +78,13 @@ class ReLAModule(L.LightningModule):
         self.monitor = nn.Linear(method.feature_dim, dataset.num_classes)
         self.normalize = Normalize(dataset.mean, dataset.std, dataset.channels)
         self.num_samples, self.stream = len(dataset), None
-        if isinstance(dataset, StreamSet):  # stream mode: workers decode and augment (rela.data.stream)
-            if cfg.switch_aug_at != "step":
-                raise RelaError("--switch-aug-at epoch works in memory mode only (stream-mode workers make "
-                                "the method's views); use --data-mode memory or --switch-aug-at step")
+        if isinstance(dataset, StreamSet):  # stream mode: workers decode (and augment: --augment-on workers)
+            if cfg.switch_aug_at != "step" and cfg.augment_on == "workers":
+                raise RelaError("--switch-aug-at epoch needs the views made on the training device (stream-mode "
+                                "workers make the method's views); use --augment-on device or --switch-aug-at step")
             self.stream = StreamBatches(dataset, rela.view if rela is not None else None, method.views,
                                         seed=cfg.seed, workers=workers(cfg), prefetch=cfg.prefetch_factor,
-                                        pin_memory=True)
+                                        pin_memory=True, augment_on=cfg.augment_on)
         else:  # the whole (small) dataset rides along to the training device; batches are index tensors
             self.register_buffer("images", dataset.images, persistent=False)
             self.register_buffer("labels", dataset.labels, persistent=False)
@@ -126,20 +126,21 @@ class ReLAModule(L.LightningModule):
     def batch_views(self, batch):
         """(index, labels, k -> k-th ReLA view, () -> the method's views) of a batch, or None (nothing decoded).
 
-        Memory mode augments on the device, lazily, in the order the step asks; stream mode's views
-        come augmented from the workers.
+        Memory mode, and stream mode with ``--augment-on device``, augment on the device, lazily, in the
+        order the step asks (the same draws in both modes); with ``--augment-on workers`` the views come
+        augmented from the workers.
         """
-        if self.stream is None:
-            x = self.images[batch]
+        parts = (batch, self.labels[batch], self.images[batch]) if self.stream is None else self.stream.split(batch)
+        if parts is None:
+            return None
+        if self.stream is None or self.stream.augment_on == "device":
+            index, y, x = parts
 
             def method_views() -> list[torch.Tensor]:
                 self.views_used = self.ssl_views()
                 return [view(x) for view in self.views_used]
 
-            return batch, self.labels[batch], lambda k: self.rela.view(x), method_views
-        parts = self.stream.split(batch)
-        if parts is None:
-            return None
+            return index, y, lambda k: self.rela.view(x), method_views
         index, y, rela_views, method_views = parts
         return index, y, rela_views.__getitem__, lambda: method_views
 
@@ -346,6 +347,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     _start_ranks(cfg)  # the process group exists before the bank, so ranks share its extraction
     run = prepare(cfg)  # 1-3. data, learner + method, prior -> bank -> targets -> accelerator
     module, train_set = ReLAModule(cfg, run.method, run.rela, run.train_set), run.train_set
+    release_freed_memory()  # what preparing (the bank, the targets) freed, before workers fork from this process
     last = out / "checkpoints" / "last.ckpt"
     resuming = cfg.resume and last.is_file()
     if resuming:

@@ -150,12 +150,14 @@ def test_stream_loader_walks_the_memory_loaders_subsets(tmp_path):
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
-    """Memory mode, and stream mode twice with 2 workers: same folder, seed and settings (random prior)."""
+    """Memory mode; stream mode with the views made on the device; stream mode twice with the views made by
+    2 workers: same folder, seed and settings (random prior)."""
     tmp = tmp_path_factory.mktemp("three")
     root = make_jpeg_folder(tmp / "pics", per_class=8, splits=("train",))
     runs = {}
-    for name, fields in (("memory", {"data_mode": "memory"}), ("stream_a", {"num_workers": 2}),
-                         ("stream_b", {"num_workers": 2})):
+    for name, fields in (("memory", {"data_mode": "memory"}), ("stream_device", {"num_workers": 2}),
+                         ("stream_a", {"num_workers": 2, "augment_on": "workers"}),
+                         ("stream_b", {"num_workers": 2, "augment_on": "workers"})):
         seen = Indices()
         cfg = stream_cfg(root, tmp, out=str(tmp / name), prior="random", batch_size=4, **fields)
         metrics = train(cfg, callbacks=[seen])
@@ -173,6 +175,15 @@ def test_same_seed_same_subsets_in_both_modes(three_runs):
     assert m["steps"] == s["steps"] == 6
 
 
+def test_stream_mode_augmenting_on_the_device_trains_exactly_as_memory_mode(three_runs):
+    """Workers only decode; the batch is augmented as memory mode augments it: the same weights, bit for bit."""
+    _, memory_seen, _ = three_runs["memory"]
+    _, device_seen, m = three_runs["stream_device"]
+    assert m["data_mode"] == "stream" and device_seen == memory_seen
+    a, b = backbone_state(three_runs["memory"][0]), backbone_state(three_runs["stream_device"][0])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_stream_run_with_workers_repeats_exactly(three_runs):
     a, b = backbone_state(three_runs["stream_a"][0]), backbone_state(three_runs["stream_b"][0])
     memory_run = backbone_state(three_runs["memory"][0])
@@ -185,13 +196,14 @@ class SimulatedKill(BaseException):
     """Not an Exception: nothing on the way up may catch it, as with a real kill."""
 
 
-def test_stream_run_killed_mid_epoch_resumes_to_identical_weights(three_runs, monkeypatch):
+@pytest.mark.parametrize("run", ["stream_a", "stream_device"])
+def test_stream_run_killed_mid_epoch_resumes_to_identical_weights(three_runs, monkeypatch, run):
     """Workers run ahead of training: the checkpoint must hold the position of the last trained batch."""
     from rela.train import ReLAModule
 
-    reference, _, _ = three_runs["stream_a"]
+    reference, _, _ = three_runs[run]
     cfg = TrainConfig.from_yaml(reference / "config.yaml")
-    cfg.out, cfg.checkpoint_every = str(reference.parent / "killed"), 1
+    cfg.out, cfg.checkpoint_every = str(reference.parent / f"killed-{run}"), 1
     step_fn = ReLAModule.training_step
 
     def dying_step(self, batch, batch_idx):

@@ -150,7 +150,8 @@ class Bad:
 
 
 class ViewSet(Dataset):
-    """Key ``(epoch, index)`` -> ``(views, label, index)``: the ReLA views then the method's, as uint8."""
+    """Key ``(epoch, index)`` -> ``(views, label, index)``: the ReLA views then the method's, as uint8;
+    with no views (``--augment-on device``) -> ``(image, index)``, the decoded image."""
 
     def __init__(self, data: StreamSet, views: list[ViewAugment], seed: int):
         self.files, self.image_size, self.seed = data.files, data.image_size, seed
@@ -165,6 +166,8 @@ class ViewSet(Dataset):
             image = self.files.image(index, self.image_size)
         except BadImage as e:
             return Bad(index, e.path, e.reason)
+        if not self.views:
+            return image, index
         views = []
         with torch.random.fork_rng(devices=[]):  # the caller's RNG stays as it was (num_workers=0)
             for slot, view in enumerate(self.views):
@@ -241,10 +244,10 @@ class StreamBatches:
     """What a stream-mode training step needs: the loader, and the views of a batch it made."""
 
     def __init__(self, data: StreamSet, rela_view: ViewAugment | None, method_views, *, seed: int,
-                 workers: int, prefetch: int, pin_memory: bool):
-        self.data = data
-        self.rela_slots = 2 if rela_view is not None else 0
-        views = [rela_view] * self.rela_slots + list(method_views)
+                 workers: int, prefetch: int, pin_memory: bool, augment_on: str = "workers"):
+        self.data, self.augment_on = data, augment_on
+        self.rela_slots = 2 if rela_view is not None and augment_on == "workers" else 0
+        views = [rela_view] * self.rela_slots + list(method_views) if augment_on == "workers" else []
         self.dataset = ViewSet(data, views, seed)
         self.workers, self.prefetch, self.pin_memory = workers, prefetch, pin_memory
         self.batches: KeyedBatches | None = None
@@ -257,10 +260,16 @@ class StreamBatches:
                            pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(self.dataset.seed))
 
     def split(self, batch: dict):
-        """(index, labels, ReLA views, method views) of a batch, or None when every sample was bad."""
+        """(index, labels, ReLA views, method views) of a batch, or None when every sample was bad;
+        ``augment_on="device"``: (index, labels, decoded images), augmented by the caller."""
         if self.batches is not None and self.batches.positions:
             self.position = self.batches.positions.popleft()
         self.data.bad(batch["bad"])
+        if self.augment_on == "device":
+            if "image" not in batch:
+                return None
+            index = batch["index"]
+            return index, self.data.labels[index.cpu()].to(index.device), batch["image"]
         if "views" not in batch:
             return None
         views = [v.float().div_(255) for v in batch["views"]]
