@@ -140,12 +140,13 @@ def _cmd_demo(args) -> int:
 
 def _study_data(args):
     """Training and evaluation splits, learner dim and candidate priors of diagnose / rank-priors."""
-    from rela.build import load_data
+    from rela.build import choose_data_mode, load_data
     from rela.diagnose import build_candidates, learner_dim, parse_weights
 
     cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, train_limit=args.train_limit,
-                      test_limit=args.test_limit, backbone=args.backbone).validate()
-    train, test = load_data(cfg, "train"), load_data(cfg, "test")
+                      test_limit=args.test_limit, backbone=args.backbone, data_mode=args.data_mode).validate()
+    mode = choose_data_mode(cfg)[0]  # a set too large for memory: features come through the streamed bank path
+    train, test = load_data(cfg, "train", mode), load_data(cfg, "test", mode)
     candidates = build_candidates(args.models, train, backbone=args.backbone, seed=args.seed,
                                   weights=parse_weights(args.prior_weights))
     return train, test, learner_dim(args.backbone, train), candidates
@@ -201,6 +202,7 @@ def _add_study_flags(p: argparse.ArgumentParser, models_flag: str, out: str) -> 
     p.add_argument("--data-root", default=None)
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--data-mode", default="auto", help="auto | memory | stream, as for train")
     p.add_argument("--backbone", default="convnet",
                    help="learner whose feature dim sets the target dim m: " + ", ".join(BACKBONES.usages()))
     p.add_argument("--prior-weights", nargs="+", default=None, metavar="SPEC=FILE",

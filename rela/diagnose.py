@@ -283,9 +283,11 @@ def target_stability(prior: Prior, bank: torch.Tensor, dataset: ImageDataset, ta
 
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=g)[:samples]
+    # a stream set decodes only the sampled images (before the seeded draws: its loader draws a seed too)
+    images = dataset.images[idx] if dataset.images is not None else dataset.take(idx.numpy()).decoded().images
     with torch.random.fork_rng(devices=[]):  # augmentation draws from the global RNG
         torch.manual_seed(seed)
-        views = RELA_VIEW(dataset.images[idx])
+        views = RELA_VIEW(images)
     prior.model.to(device)
     try:
         feats = embed(prior, views, device=device)

@@ -267,6 +267,24 @@ def test_stream_run_is_evaluated_from_its_files(tmp_path, monkeypatch):
     assert (streamed["knn5_top1"], streamed["linear_top1"]) == (in_memory["knn5_top1"], in_memory["linear_top1"])
 
 
+@pytest.mark.parametrize("command", ["diagnose", "rank-priors"])
+def test_prior_studies_stream_and_report_what_memory_mode_reports(tmp_path, command):
+    """diagnose / rank-priors on an image folder in stream mode: features through the streamed bank path (rank-priors
+    decodes only its sampled images), the same report as memory mode."""
+    root = make_jpeg_folder(tmp_path / "pics", per_class=8)
+    flag = "--models" if command == "diagnose" else "--priors"
+    reports = {}
+    for mode in ("stream", "memory"):
+        out = tmp_path / mode
+        args = [command, flag, "random", "random:resnet-narrow", "--dataset", f"imagefolder:{root}", "--data-mode",
+                mode, "--cache-dir", str(tmp_path / f"cache-{mode}"), "--out", str(out), "--no-progress"]
+        args += ["--pair-samples", "24"] if command == "diagnose" else ["--samples", "16"]
+        assert main(args) == 0
+        name = "diagnose.json" if command == "diagnose" else "rank_priors.json"
+        reports[mode] = json.loads((out / name).read_text())
+    assert reports["stream"] == reports["memory"]
+
+
 # --- shards ----------------------------------------------------------------------------------------
 
 
