@@ -11,9 +11,11 @@ resized to 64 x 64 and tinted per file so that no two files are the same; qualit
 in stream mode: a bank is extracted with a random convnet prior, and BYOL trains 1 epoch at
 ratio 0.1 (adaptive switch, batch 256). Measured per N:
 
-* **peak RSS of the process tree** (the run and its DataLoader workers; /proc sampled every
-  0.2 s) -- the bank is memory-mapped and the images are never all decoded, so it should not
-  grow with N beyond the targets (N x 128 float32);
+* **peak memory of the process tree** (the run and its DataLoader workers; /proc sampled every
+  0.2 s): PSS, the proportional set size (a page shared by k processes counts 1/k in each, so a
+  page a forked worker shares with the run counts once), the figure the targets use; beside it the
+  sum of RSS, which counts such pages once per process. The bank is memory-mapped and the images
+  are never all decoded, so PSS should not grow with N beyond the targets (N x 128 float32);
 * **images/s** of the bank extraction (N / its seconds) and of training (images seen / train
   seconds);
 * **data-wait fraction**: time the training loop spent waiting for the next batch, over the
@@ -97,8 +99,8 @@ def disk_bytes(path: Path) -> int:
 
 # --- one measured run (``rela train`` in a child process) -------------------------------------
 
-def tree_rss(root_pid: int) -> int:
-    """Resident bytes of a process and all its descendants (from /proc)."""
+def tree_memory(root_pid: int) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) in bytes of a process and all its descendants (from /proc/PID/smaps_rollup)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -107,31 +109,33 @@ def tree_rss(root_pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root_pid]
+    rss = pss = 0
+    todo = [root_pid]
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total
+    return rss, pss
 
 
 def measured_run(config: dict, work: Path) -> dict:
-    """``rela train --config`` in a child process; its metrics.json plus the peak RSS of its process tree."""
+    """``rela train --config`` in a child process; its metrics.json plus the peak RSS and PSS of its process tree."""
     work.mkdir(parents=True, exist_ok=True)
     spec = work / "config.json"  # JSON is YAML: the run's TrainConfig fields
     spec.write_text(json.dumps(config))
     proc = subprocess.Popen([sys.executable, "-m", "rela", "train", "--config", str(spec)], cwd=REPO)
-    peak, done = 0, threading.Event()
+    peak, done = [0, 0], threading.Event()
 
     def watch():
-        nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_rss(proc.pid))
+            peak[:] = map(max, peak, tree_memory(proc.pid))
             time.sleep(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -142,7 +146,7 @@ def measured_run(config: dict, work: Path) -> dict:
     if rc != 0:
         raise SystemExit(f"measured run failed (exit {rc}): {spec}")
     metrics = json.loads((Path(config["out"]) / "metrics.json").read_text())
-    return {**metrics, "peak_rss_bytes": peak}
+    return {**metrics, "peak_rss_bytes": peak[0], "peak_pss_bytes": peak[1]}
 
 
 def run_config(args, folder: Path, out: Path, cache: Path, mode: str) -> dict:
@@ -159,6 +163,7 @@ def measure(args, n: int, mode: str) -> dict:
     cache = work / "cache"
     m = measured_run(run_config(args, folder, work / "run", cache, mode), work)
     return {"n": n, "mode": mode, "workers": args.workers, "peak_rss_mb": m["peak_rss_bytes"] / 2**20,
+            "peak_pss_mb": m["peak_pss_bytes"] / 2**20,
             "extract_images_per_s": n / m["bank_seconds"], "bank_seconds": m["bank_seconds"],
             "train_images_per_s": m["images_seen"] / m["train_seconds"], "images_seen": m["images_seen"],
             "data_wait_fraction": m["data_wait_fraction"],  # rela train's StepMetrics: wait / (wait + steps)
@@ -169,10 +174,10 @@ def measure(args, n: int, mode: str) -> dict:
 # --- the report --------------------------------------------------------------------------------
 
 def scale_table(runs: list[dict]) -> list[str]:
-    lines = table_head("N", "mode", "workers", "peak RSS (MB)", "extraction img/s", "training img/s",
+    lines = table_head("N", "mode", "workers", "peak PSS (MB)", "peak RSS sum (MB)", "extraction img/s", "training img/s",
                        "data wait", "folder (MB)", "bank (MB)")
     for r in sorted(runs, key=lambda r: (r["n"], r["mode"])):
-        lines.append(f"| {r['n']} | {r['mode']} | {r['workers']} | {r['peak_rss_mb']:.0f} | "
+        lines.append(f"| {r['n']} | {r['mode']} | {r['workers']} | {r['peak_pss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['extract_images_per_s']:.0f} | {r['train_images_per_s']:.0f} | "
                      f"{r['data_wait_fraction']:.1%} | {r['folder_bytes'] / 2**20:.1f} | {r['bank_bytes'] / 2**20:.2f} |")
     return lines
@@ -184,7 +189,7 @@ def targets(runs: list[dict]) -> list[str]:
     lines = []
     if len(stream) > 1:
         lo, hi = stream[min(stream)], stream[max(stream)]
-        lines.append(f"- peak RSS at N={hi['n']} / at N={lo['n']}: {hi['peak_rss_mb'] / lo['peak_rss_mb']:.2f} "
+        lines.append(f"- peak PSS at N={hi['n']} / at N={lo['n']}: {hi['peak_pss_mb'] / lo['peak_pss_mb']:.2f} "
                      "(target <= 1.2)")
     for n in sorted(set(stream) & set(memory)):
         ratio = stream[n]["train_images_per_s"] / memory[n]["train_images_per_s"]
@@ -204,11 +209,11 @@ def projection(runs: list[dict]) -> list[str]:
     if not stream:
         return []
     base = stream[0]
-    per_image_rss = (stream[-1]["peak_rss_mb"] - base["peak_rss_mb"]) / max(stream[-1]["n"] - base["n"], 1)
+    per_image_mb = (stream[-1]["peak_pss_mb"] - base["peak_pss_mb"]) / max(stream[-1]["n"] - base["n"], 1)
     a = ASSUME
     bank_gb = IMAGENET * a["prior_dim"] * 2 / 1e9
     lines = table_head("machines", "bank on disk (float16)", "extraction time", "RAM per process tree")
-    ram_gb = (base["peak_rss_mb"] + per_image_rss * (IMAGENET - base["n"])) / 1024
+    ram_gb = (base["peak_pss_mb"] + per_image_mb * (IMAGENET - base["n"])) / 1024
     for machines in (1, 4):
         decode_rate = machines * a["cpu_cores"] * 1000 / a["decode_ms_per_image"]
         rate = min(machines * a["gpus"] * a["gpu_prior_images_per_s"], decode_rate)
@@ -220,8 +225,8 @@ def projection(runs: list[dict]) -> list[str]:
               f"per image per core ({a['jpeg_kb']} kB ImageNet JPEGs; measured here: {measured_ms:.2f} ms per "
               f"{base['n']}-set 64 px image per worker, prior included); {a['cpu_cores']} cores per machine. "
               "Extraction is sharded over all ranks (rela.bank), so it runs at the slower of GPU and decode "
-              f"throughput. RAM per process tree (a rank and its workers): measured at N={base['n']} plus the "
-              f"measured growth per image ({per_image_rss * 1024:.3f} kB: the N x 128 float32 targets and the "
+              f"throughput. RAM per process tree (a rank and its workers, PSS): measured at N={base['n']} plus the "
+              f"measured PSS growth per image ({per_image_mb * 1024:.3f} kB: the N x 128 float32 targets and the "
               "labels) times 1.28M."]
     return lines
 

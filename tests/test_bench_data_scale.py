@@ -25,6 +25,7 @@ def test_data_scale_measures_both_modes_and_projects_imagenet(tmp_path):
     assert sorted((r["n"], r["mode"]) for r in runs) == [(300, "memory"), (300, "stream")]
     for r in runs:
         assert r["images_seen"] == 128 and r["train_images_per_s"] > 0 and r["extract_images_per_s"] > 0
-        assert 0 <= r["data_wait_fraction"] < 1 and r["peak_rss_mb"] > 50 and r["bank_bytes"] > 300 * 32
+        assert 0 <= r["data_wait_fraction"] < 1 and r["bank_bytes"] > 300 * 32
+        assert 50 < r["peak_pss_mb"] <= r["peak_rss_mb"]  # PSS counts a shared page once: at most the RSS sum
     report = (tmp_path / "res" / "data_scale.md").read_text()
     assert "ImageNet" in report and "stream/memory" in report
