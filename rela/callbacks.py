@@ -30,7 +30,6 @@ from lightning.pytorch.callbacks import Callback
 from rela.data import ImageDataset
 from rela.data.stream import in_memory
 from rela.evaluate import backbone_features, knn_accuracy
-from rela.hardware import release_freed_memory
 
 PROBE_TRAIN_IMAGES, PROBE_TEST_IMAGES = 5000, 2000
 
@@ -65,7 +64,6 @@ class StepMetrics(Callback):
         self._switch_logged = module.switch_step is not None  # a resumed run logged it already
 
     def on_train_epoch_start(self, trainer: L.Trainer, module) -> None:
-        release_freed_memory()  # the heap's holes from the previous epoch (see keep_freed_memory), before timing
         self._last_end = time.perf_counter()  # the epoch's first wait: making the iterator, the first batch
 
     def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:

@@ -199,6 +199,9 @@ class ReLAModule(L.LightningModule):
             return (self.rela.view,) * len(self.method.views)
         return self.method.views
 
+    def on_train_epoch_start(self) -> None:
+        release_freed_memory()  # the heap's holes from the previous epoch (rela.hardware.keep_freed_memory)
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._batch_start = time.perf_counter()
 
