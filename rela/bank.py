@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from rela.data.datasets import ImageDataset
 from rela.errors import RelaError
 from rela.features import embed
-from rela.hardware import release_freed_memory, to_device
+from rela.hardware import HeapGuard, release_freed_memory, to_device
 from rela.io import atomic_write, load_json, save_json
 from rela.priors import Prior
 from rela.registry import BANK_DTYPES
@@ -300,11 +300,12 @@ def _streamed_chunks(prior, dataset, writer, todo, batch_size, device, workers):
     batches = [list(range(s, min(s + batch_size, b))) for i in todo
                for a, b in [writer.rows_of(i)] for s in range(a, b, batch_size)]
     loader = decode_loader(dataset, batches, workers, pin_memory=str(device).startswith("cuda"))
-    parts, start = [], time.perf_counter()
+    parts, start, heap = [], time.perf_counter(), HeapGuard()
     for rows, batch in zip(batches, loader):
         dataset.bad(batch["bad"])  # a one-line error unless --skip-bad-images
         good = prior(to_device(batch["image"], device)).float().cpu() if len(batch["index"]) else None
         parts.append((batch["index"], good))
+        heap.step()  # resident memory stays about one batch's, whatever the number of images
         chunk = rows[0] // writer.chunk_rows
         a, b = writer.rows_of(chunk)
         if rows[-1] + 1 == b:
