@@ -226,8 +226,9 @@ def projection(runs: list[dict]) -> list[str]:
               f"{base['n']}-set 64 px image per worker, prior included); {a['cpu_cores']} cores per machine. "
               "Extraction is sharded over all ranks (rela.bank), so it runs at the slower of GPU and decode "
               f"throughput. RAM per process tree (a rank and its workers, PSS): measured at N={base['n']} plus the "
-              f"measured PSS growth per image ({per_image_mb * 1024:.3f} kB: the N x 128 float32 targets and the "
-              "labels) times 1.28M."]
+              f"measured PSS growth per image ({per_image_mb * 1024:.3f} kB between N={base['n']} and "
+              f"N={stream[-1]['n']}; the per-image arrays a run holds in memory, the N x 128 float32 targets and the "
+              "labels, are 0.5 kB) times 1.28M."]
     return lines
 
 

@@ -83,11 +83,10 @@ class HeapGuard:
     """Trims the heap when resident memory grows past its level after the first batch, plus ``slack``.
 
     With :func:`keep_freed_memory` a loop of equal batches should hold one batch's working set, and
-    often does; but in some runs (same code, same data: it depends on timing) blocks that outlive a
-    batch (a received batch's tensors, Python objects) land in the holes the batch's activations
-    left, the next activations no longer fit there, and the heap grows: measured extracting a bank
-    at 64 px with a convnet prior in batches of 512, +1 to +3 GB over a 16384-image chunk in about
-    half the runs. Trimming after every batch would page-fault every batch's activations in again
+    often does; but in some runs (same code, same data: it depends on timing) the heap fragments and
+    grows: measured extracting a bank at 64 px with a convnet prior in batches of 128-512, +1 to +3 GB
+    over a 16384-image chunk in about half the runs. Which allocation pins the holes is not known (one
+    malloc arena, or one preallocated feature buffer per chunk, did not stop it). Trimming after every batch would page-fault every batch's activations in again
     (extraction 2.3x slower, measured), so this trims only when the growth shows: a loop that does
     not fragment never pays. Call :meth:`step` after each batch; :meth:`reset` where the working set
     may legitimately change (a new epoch).
