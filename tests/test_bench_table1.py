@@ -125,3 +125,19 @@ def test_headroom_and_cost_are_relative_to_the_floor_and_byol_full():
     assert not table1.reaches_full(summary, rela_cell)
     lines = table1.headline(summary, [0.1])
     assert any("captures 50% (k-NN) / 67% (linear)" in line for line in lines)
+
+
+def test_switch_choice_takes_the_best_mean_and_states_its_margin_over_distillation_only():
+    sys.path.insert(0, str(BENCHMARKS))
+    from table1 import chosen_switch
+
+    def run(spec, knn, linear):
+        return {"row": f"switch={spec}", "budget": 0.5, "knn_top1": knn, "linear_top1": linear}
+
+    specs = ["plateau", "adaptive", "never"]
+    runs = [run("plateau", 0.823, 0.875), run("adaptive", 0.830, 0.860), run("never", 0.815, 0.872)]
+    assert chosen_switch(runs[:2], specs, [0.5]).startswith("Chosen: not yet")
+    line = chosen_switch(runs, specs, [0.5])
+    assert "**plateau**" in line and "+0.80 k-NN / +0.30 linear; misses" in line
+    runs[2] = run("never", 0.83, 0.88)
+    assert "**never**" in chosen_switch(runs, specs, [0.5]) and "buys nothing" in chosen_switch(runs, specs, [0.5])
