@@ -69,8 +69,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--other-arch", default="resnet-narrow", help="architecture of row 4's random prior")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--switch", default="plateau",
-                   help="switch of the ReLA rows (3a uses adaptive, 7 never switches); chosen on --holdout 10000")
+    p.add_argument("--switch", default="soft-plateau",
+                   help="switch of the ReLA rows (3a uses adaptive, 7 never switches); chosen on --holdout 10000 "
+                        "(benchmarks/results/table1_e32_switch_val10000.md)")
     p.add_argument("--all-rows-every-seed", action="store_true",
                    help=f"also run {', '.join(ONE_SEED_ROWS)} for every seed (default: first seed only)")
     p.add_argument("--byol-results", type=Path, default=RESULTS / "byol_convergence.json",
