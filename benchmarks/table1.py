@@ -235,9 +235,10 @@ def write_sweep_report(grid: Grid) -> None:
 def chosen_switch(runs: list[dict], specs: list[str], budgets: list[float]) -> str:
     """The rule: the highest mean of k-NN and linear top-1 over all budgets and seeds; then its margin over
     ``never`` (distillation only), against the target of >= 0.5 point on both metrics."""
-    rows = {spec: [r for b in budgets for r in runs_of(runs, f"switch={spec}", b)] for spec in specs}
-    if not all(runs_of(runs, f"switch={spec}", b) for spec in specs for b in budgets):
+    cells = {(spec, b): runs_of(runs, f"switch={spec}", b) for spec in specs for b in budgets}
+    if not all(cells.values()):
         return "Chosen: not yet (a switch has not run at every budget)."
+    rows = {spec: [r for b in budgets for r in cells[spec, b]] for spec in specs}
     mean = {spec: {m: sum(r[m] for r in rs) / len(rs) for m in ("knn_top1", "linear_top1")} for spec, rs in rows.items()}
     best = max(specs, key=lambda spec: mean[spec]["knn_top1"] + mean[spec]["linear_top1"])
     line = (f"Chosen: **{best}** (the highest mean of k-NN and linear top-1: "

@@ -86,17 +86,14 @@ class HeapGuard:
     often does; but in some runs (same code, same data: it depends on timing) the heap fragments and
     grows: measured extracting a bank at 64 px with a convnet prior in batches of 128-512, +1 to +3 GB
     over a 16384-image chunk in about half the runs. Which allocation pins the holes is not known (one
-    malloc arena, or one preallocated feature buffer per chunk, did not stop it). Trimming after every batch would page-fault every batch's activations in again
-    (extraction 2.3x slower, measured), so this trims only when the growth shows: a loop that does
-    not fragment never pays. Call :meth:`step` after each batch; :meth:`reset` where the working set
-    may legitimately change (a new epoch).
+    malloc arena, or one preallocated feature buffer per chunk, did not stop it). Trimming after every
+    batch would page-fault every batch's activations in again (extraction 2.3x slower, measured), so
+    this trims only when the growth shows: a loop that does not fragment never pays. Call
+    :meth:`step` after each batch.
     """
 
     def __init__(self, slack: int = 512 * 2**20):
         self.slack, self.base, self.trims = slack, None, 0
-
-    def reset(self) -> None:
-        self.base = None
 
     def step(self) -> bool:
         """Trim if resident memory exceeds the first reading by more than ``slack``; returns whether it trimmed."""
