@@ -38,6 +38,7 @@ from common import (RESULTS, ResultsFile, add_output_args, command, config, fmt,
                     table_head, train_and_evaluate, write_report)
 from rela.config import TrainConfig
 from rela.plotting import pyplot
+from rela.train import count_step_flops
 
 TRAIN_IMAGES = 60_000
 ROWS = {
@@ -127,18 +128,36 @@ class Grid:
         return self.run(FLOOR, 0.0, seed, self.base(prior="none", ratio=1.0, epochs=1, max_steps=0, seed=seed,
                                                     out=self.out(f"untrained-s{seed}")), "none")
 
+    def byol_full_config(self, seed: int, epochs: int) -> TrainConfig:
+        row = "byol-full" if epochs == self.args.full_epochs else f"byol-{epochs}ep"
+        return self.base(prior="none", ratio=1.0, epochs=epochs, seed=seed, out=self.out(f"{row}-s{seed}"))
+
     def byol_full(self, seed: int, epochs: int | None = None) -> dict:
         e = epochs or self.args.full_epochs
         row = "byol-full" if e == self.args.full_epochs else f"byol-{e}ep"
         key = dict(row=row, budget=e / self.args.full_epochs, seed=seed)
         if not self.results.find(**key) and (imported := self.converged_byol(e, seed)):
             self.results.add({**key, "prior": "none", **imported, **_costs(imported)})
-        return self.run(row, e / self.args.full_epochs, seed,
-                        self.base(prior="none", ratio=1.0, epochs=e, seed=seed, out=self.out(f"{row}-s{seed}")),
-                        "none")
+        return self.run(row, e / self.args.full_epochs, seed, self.byol_full_config(seed, e), "none")
+
+    def byol_full_model(self, seed: int) -> str:
+        """Row 6's prior: the BYOL-full model of ``seed``. When its result was imported from
+        byol_convergence.py, whose runs folder may not be on this machine, it is trained here (the same
+        configuration and seed: CPU runs repeat)."""
+        self.byol_full(seed)
+        cfg = self.byol_full_config(seed, self.args.full_epochs)
+        if not (Path(cfg.out) / "backbone.pt").is_file():
+            print(f"[table1] training BYOL-full seed {seed} as row 6's prior (its result was imported)", flush=True)
+            again = train_and_evaluate(cfg)
+            recorded = self.results.find(row="byol-full", budget=1.0, seed=seed)
+            print(f"[table1] BYOL-full seed {seed} again: k-NN {again['knn_top1']}, linear {again['linear_top1']} "
+                  f"(recorded: {recorded['knn_top1']}, {recorded['linear_top1']})", flush=True)
+        return cfg.out
 
     def converged_byol(self, epochs: int, seed: int) -> dict | None:
-        """The same BYOL run from benchmarks/byol_convergence.py's results, if it ran this configuration."""
+        """The same BYOL run from benchmarks/byol_convergence.py's results, if it ran this configuration.
+        A run recorded before FLOPs were: images seen x the method's FLOPs per image, counted on this
+        configuration's networks (BYOL on all data has one phase, so that is what training would record)."""
         a = self.args
         if a.holdout or a.train_limit or a.lr or not a.byol_results.is_file():
             return None
@@ -146,8 +165,13 @@ class Grid:
         if (other.meta.get("backbone"), other.meta.get("batch_size")) != (a.backbone, a.batch_size):
             return None
         found = other.find(epochs=epochs, seed=seed)
-        return None if found is None else {k: found.get(k) for k in RECORDED if k in found} | {
-            "imported_from": shown(a.byol_results)}
+        if found is None:
+            return None
+        imported = {k: found.get(k) for k in RECORDED if k in found} | {"imported_from": shown(a.byol_results)}
+        if imported.get("train_flops") is None:
+            per_image = count_step_flops(self.byol_full_config(seed, epochs))["method"]
+            imported |= {"train_flops": imported["images_seen"] * per_image, "bank_flops": None}
+        return imported
 
     def digits_prior(self) -> str:
         out = self.runs_dir / "prior-digits-byol"
@@ -174,8 +198,7 @@ class Grid:
         if row == "rela-digits":
             prior = self.digits_prior()
         if row == "rela-fmnist-byol":
-            self.byol_full(0)
-            prior = f"checkpoint:{self.out('byol-full-s0')}"
+            prior = f"checkpoint:{self.byol_full_model(0)}"
         switch = {"distill-only": "never", "rela-random-adaptive": "adaptive"}.get(row, self.args.switch)
         cfg = self.base(prior=prior, switch=switch, ratio=budget, epochs=self.args.full_epochs, seed=seed,
                         out=self.out(name))

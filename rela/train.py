@@ -385,9 +385,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
             close_logger(logger)
     # FLOPs per image of each step phase, counted on every rank: under DDP the networks now hold
     # SyncBatchNorm, whose collective needs every process
-    sample = in_memory(train_set, 8)
-    per_image = step_flops_per_image(module.method, module.rela, module.normalize, sample.images.to(module.device),
-                                     sample.labels.to(module.device))
+    per_image = _flops_per_image(module, train_set)
     if not trainer.is_global_zero:
         return {}
     # 5. outputs
@@ -412,6 +410,19 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
         metrics.update({k: v for k, v in previous.items() if k.endswith("_top1") or k.startswith("eval_")})
     save_json(metrics, out / "metrics.json")
     return metrics
+
+
+def _flops_per_image(module: ReLAModule, train_set: ImageDataset) -> dict[str, float]:
+    sample = in_memory(train_set, 8)
+    return step_flops_per_image(module.method, module.rela, module.normalize, sample.images.to(module.device),
+                                sample.labels.to(module.device))
+
+
+def count_step_flops(cfg: TrainConfig) -> dict[str, float]:
+    """FLOPs per image of each step phase of ``cfg``'s run, counted on the networks as built (nothing
+    trains; FLOPs do not depend on the weights): what ``train`` records, for a run recorded without them."""
+    run = prepare(cfg)
+    return _flops_per_image(ReLAModule(cfg, run.method, run.rela, run.train_set), run.train_set)
 
 
 def _share(wait: float, busy: float) -> float | None:

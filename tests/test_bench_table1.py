@@ -13,8 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_fmnist
+
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
+
+
+def _table1():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import table1
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return table1
 
 
 def _script(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
@@ -103,11 +114,7 @@ def test_readme_tables_names_a_missing_block(tmp_path):
 
 
 def test_headroom_and_cost_are_relative_to_the_floor_and_byol_full():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import table1
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    table1 = _table1()
 
     def run(row, budget, knn, linear, flops, seconds, seed=0):
         return {"row": row, "budget": budget, "seed": seed, "knn_top1": knn, "linear_top1": linear,
@@ -128,8 +135,7 @@ def test_headroom_and_cost_are_relative_to_the_floor_and_byol_full():
 
 
 def test_switch_choice_takes_the_best_mean_and_states_its_margin_over_distillation_only():
-    sys.path.insert(0, str(BENCHMARKS))
-    from table1 import chosen_switch
+    chosen_switch = _table1().chosen_switch
 
     def run(spec, knn, linear):
         return {"row": f"switch={spec}", "budget": 0.5, "knn_top1": knn, "linear_top1": linear}
@@ -141,3 +147,25 @@ def test_switch_choice_takes_the_best_mean_and_states_its_margin_over_distillati
     assert "**plateau**" in line and "+0.80 k-NN / +0.30 linear; misses" in line
     runs[2] = run("never", 0.83, 0.88)
     assert "**never**" in chosen_switch(runs, specs, [0.5]) and "buys nothing" in chosen_switch(runs, specs, [0.5])
+
+
+@needs_fmnist
+def test_a_byol_run_imported_without_flops_gets_what_the_grid_records_for_byol(tmp_path):
+    """BYOL-full comes from byol_convergence.py's results when it ran the same configuration; a run
+    recorded there before FLOPs were gets images seen x the FLOPs per image counted on its configuration,
+    which must be what table1.py's own BYOL runs recorded while training (the committed E = 32 grid)."""
+    old_format = {"meta": {"backbone": "convnet", "batch_size": 256},
+                  "runs": [{"epochs": 32, "seed": 0, "steps": 7488, "images_seen": 1916928, "knn_top1": 0.83,
+                            "linear_top1": 0.87, "train_seconds": 2312.0, "wall_seconds": 2320.0}]}
+    (tmp_path / "byol.json").write_text(json.dumps(old_format))
+    table1 = _table1()
+    grid = table1.Grid(table1.parse_args(["--full-epochs", "32", "--byol-results", str(tmp_path / "byol.json"),
+                                          "--results", str(tmp_path / "res"), "--runs-dir", str(tmp_path / "runs")]))
+    imported = grid.converged_byol(32, 0)
+    assert imported["knn_top1"] == 0.83 and imported["imported_from"].endswith("byol.json")
+    assert grid.converged_byol(32, 1) is None  # that seed did not run there
+    committed = json.loads((BENCHMARKS / "results" / "table1_e32.json").read_text())["runs"]
+    trained_here = next(r for r in committed if r["row"] == "byol-subset" and "imported_from" not in r)
+    assert imported["train_flops"] / imported["images_seen"] == pytest.approx(
+        trained_here["train_flops"] / trained_here["images_seen"], rel=1e-9)
+    assert table1._costs(imported)["cost_flops"] == imported["train_flops"]

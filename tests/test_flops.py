@@ -1,13 +1,17 @@
 """rela.flops: FLOPs per step phase, counted on the live networks without changing them."""
 
+import json
+
 import pytest
 import torch
 
 from rela.accelerator import ReLAAccelerator, build_switch
 from rela.backbones import build_backbone
+from rela.config import TrainConfig
 from rela.data import Normalize
 from rela.flops import count_flops, prior_flops_per_image, run_flops, step_flops_per_image
 from rela.methods import build_method
+from rela.train import count_step_flops
 
 
 def test_count_flops_of_a_linear_layer_forward_and_backward():
@@ -45,3 +49,13 @@ def test_prior_and_run_flops():
     budget = {"rela_phase_images": 100, "method_phase_images": 300}
     assert run_flops({"rela": 2.0, "method": 5.0}, budget) == 100 * 2.0 + 300 * 5.0
     assert run_flops({"method": 5.0}, {"method_phase_images": 10}) == 50.0
+
+
+@pytest.mark.parametrize("run_fixture", ["random_run", "none_run"])
+def test_flops_counted_without_training_match_what_training_recorded(run_fixture, request):
+    """count_step_flops (what benchmarks use for a run recorded before FLOPs were) gives the figures
+    ``train`` wrote for the same configuration: FLOPs do not depend on the trained weights."""
+    run = request.getfixturevalue(run_fixture)
+    recorded = json.loads((run / "metrics.json").read_text())["flops_per_image"]
+    assert set(recorded) == ({"rela", "method"} if run_fixture == "random_run" else {"method"})
+    assert count_step_flops(TrainConfig.from_yaml(run / "config.yaml")) == recorded
