@@ -128,13 +128,16 @@ class Grid:
         return self.run(FLOOR, 0.0, seed, self.base(prior="none", ratio=1.0, epochs=1, max_steps=0, seed=seed,
                                                     out=self.out(f"untrained-s{seed}")), "none")
 
+    def byol_row(self, epochs: int) -> str:
+        return "byol-full" if epochs == self.args.full_epochs else f"byol-{epochs}ep"
+
     def byol_full_config(self, seed: int, epochs: int) -> TrainConfig:
-        row = "byol-full" if epochs == self.args.full_epochs else f"byol-{epochs}ep"
-        return self.base(prior="none", ratio=1.0, epochs=epochs, seed=seed, out=self.out(f"{row}-s{seed}"))
+        out = self.out(f"{self.byol_row(epochs)}-s{seed}")
+        return self.base(prior="none", ratio=1.0, epochs=epochs, seed=seed, out=out)
 
     def byol_full(self, seed: int, epochs: int | None = None) -> dict:
         e = epochs or self.args.full_epochs
-        row = "byol-full" if e == self.args.full_epochs else f"byol-{e}ep"
+        row = self.byol_row(e)
         key = dict(row=row, budget=e / self.args.full_epochs, seed=seed)
         if not self.results.find(**key) and (imported := self.converged_byol(e, seed)):
             self.results.add({**key, "prior": "none", **imported, **_costs(imported)})
