@@ -307,6 +307,10 @@ def cost_ratio(summary: dict, cell: dict, kind: str) -> float | None:
     return None if math.isnan(mine) or math.isnan(full) or not full else mine / full
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n != 1 else "")
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
@@ -325,16 +329,16 @@ def headline(summary: dict, budgets: list[float]) -> list[str]:
     lines = [(f"No training (row 0, the floor): k-NN {100 * floor['knn_top1'][0]:.1f}, linear "
               f"{100 * floor['linear_top1'][0]:.1f}; " if floor["n"] else "")
              + f"BYOL-full: k-NN {100 * full['knn_top1'][0]:.1f} ± {100 * full['knn_top1'][1]:.1f}, linear "
-             f"{100 * full['linear_top1'][0]:.1f} ± {100 * full['linear_top1'][1]:.1f} ({full['n']} seeds)."]
+             f"{100 * full['linear_top1'][0]:.1f} ± {100 * full['linear_top1'][1]:.1f} ({_seeds(full['n'])})."]
     for row in (*FREE_PRIOR_ROWS, "rela-fmnist-byol"):
         hit = next(((b, c) for b in sorted(budgets) if reaches_full(summary, c := summary["table"][row][b])), None)
         if hit:
             b, c = hit
             lines.append(f"{ROWS[row]}: reaches BYOL-full accuracy (k-NN {100 * c['knn_top1'][0]:.1f}, linear "
-                         f"{100 * c['linear_top1'][0]:.1f}; {c['n']} seeds) at {b:.0%} of its steps, for "
-                         + (f"{_pct(flops)} of its FLOPs ({_pct(cost_ratio(summary, c, 'seconds'))} of its "
-                            "wall-clock)." if (flops := cost_ratio(summary, c, 'flops')) is not None else
-                            f"{_pct(cost_ratio(summary, c, 'seconds'))} of its wall-clock cost."))
+                         f"{100 * c['linear_top1'][0]:.1f}; {_seeds(c['n'])}) at {b:.0%} of its steps, for "
+                         # FLOPs when counted: wall-clock ratios mix machines and loads when a grid ran in pieces
+                         + (f"{_pct(flops)} of its FLOPs." if (flops := cost_ratio(summary, c, 'flops')) is not None
+                            else f"{_pct(cost_ratio(summary, c, 'seconds'))} of its wall-clock cost."))
         elif any(summary["table"][row][b]["n"] for b in budgets):
             lines.append(f"{ROWS[row]}: does not reach BYOL-full accuracy within its std at any budget tried.")
     for b in budgets:
@@ -418,7 +422,9 @@ def write_table(grid: Grid) -> None:
              "**Bold**: within BYOL-full's mean - std on both metrics.", "",
              *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)), *table_rows(summary, args.budgets), "",
              "Headroom captured, (acc - floor) / (BYOL-full - floor), k-NN / linear; then cost relative to BYOL-full: "
-             "FLOPs (forward + backward of every network, bank extraction included) / wall-clock seconds.", "",
+             "FLOPs (forward + backward of every network, bank extraction included) / wall-clock seconds. "
+             "Wall-clock is that of the machine and load each run met (a grid that runs in pieces meets several): "
+             "compare FLOPs; each run's images/s is in the JSON.", "",
              *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)), *cost_rows(summary, args.budgets),
              *notes(grid, summary),
              "", "## Headline (computed)", "", *[f"- {h}" for h in headline(summary, args.budgets)]]
