@@ -145,8 +145,8 @@ class Grid:
 
     def byol_full_model(self, seed: int) -> str:
         """Row 6's prior: the BYOL-full model of ``seed``. When its result was imported from
-        byol_convergence.py, whose runs folder may not be on this machine, it is trained here (the same
-        configuration and seed: CPU runs repeat)."""
+        byol_convergence.py, whose runs folder may not be on this machine, it is trained here with the same
+        configuration and seed (on another CPU its accuracy may differ by about a point: the log shows both)."""
         self.byol_full(seed)
         cfg = self.byol_full_config(seed, self.args.full_epochs)
         if not (Path(cfg.out) / "backbone.pt").is_file():
