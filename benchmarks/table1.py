@@ -434,24 +434,34 @@ def write_table(grid: Grid) -> None:
 
 
 def plot_cost(grid: Grid, summary: dict) -> None:
-    """Accuracy against FLOPs, one line per row; BYOL-full's mean ± std as a band, the floor as a line."""
+    """Accuracy against FLOPs relative to BYOL-full's (raw FLOPs while it has none), one line per row;
+    BYOL-full's mean ± std as a band and as a star at 100 %, the floor as a line."""
     plt = pyplot()
     full, floor = summary["full"], summary["floor"]
+    unit = full["cost_flops"][0] if full["n"] and not math.isnan(full["cost_flops"][0]) else None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, (metric, name) in zip(axes, METRICS):
         if full["n"]:
             m, s = full[metric]
             ax.axhspan(100 * (m - s), 100 * (m + s), color="grey", alpha=0.3, label="BYOL-full (mean ± std)")
+            if unit:
+                ax.errorbar([1.0], [100 * m], yerr=[100 * s], marker="*", ms=12, color="black", capsize=3,
+                            ls="none", label="BYOL-full (100%)")
         if floor["n"]:
             ax.axhline(100 * floor[metric][0], color="black", ls="--", lw=1, label="0. No training (floor)")
         for row, label in ROWS.items():
-            pts = [(c["cost_flops"][0], 100 * c[metric][0], 100 * c[metric][1])
+            pts = [(c["cost_flops"][0] / (unit or 1.0), 100 * c[metric][0], 100 * c[metric][1])
                    for c in summary["table"][row].values() if c["n"] and not math.isnan(c["cost_flops"][0])]
             if pts:
                 xs, ys, es = zip(*sorted(pts))
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
         ax.set_xscale("log")
-        ax.set_xlabel("cost: FLOPs of training + bank extraction")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels on every minor tick overlap
+        if unit:
+            ax.set_xticks([0.05, 0.1, 0.2, 0.5, 1.0], ["5%", "10%", "20%", "50%", "100%"])
+            ax.set_xlabel("cost relative to BYOL-full: FLOPs of training + bank extraction")
+        else:
+            ax.set_xlabel("cost: FLOPs of training + bank extraction")
         ax.set_ylabel(f"{name} top-1 (%)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
