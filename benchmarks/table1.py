@@ -339,8 +339,12 @@ def headline(summary: dict, budgets: list[float]) -> list[str]:
                          # FLOPs when counted: wall-clock ratios mix machines and loads when a grid ran in pieces
                          + (f"{_pct(flops)} of its FLOPs." if (flops := cost_ratio(summary, c, 'flops')) is not None
                             else f"{_pct(cost_ratio(summary, c, 'seconds'))} of its wall-clock cost."))
-        elif any(summary["table"][row][b]["n"] for b in budgets):
-            lines.append(f"{ROWS[row]}: does not reach BYOL-full accuracy within its std at any budget tried.")
+        elif ran := [b for b in budgets if summary["table"][row][b]["n"]]:
+            b = max(ran, key=lambda b: sum(summary["table"][row][b][m][0] for m, _ in METRICS))
+            c = summary["table"][row][b]
+            lines.append(f"{ROWS[row]}: does not reach BYOL-full accuracy within its std at any budget tried "
+                         f"(closest: k-NN {100 * c['knn_top1'][0]:.1f}, linear {100 * c['linear_top1'][0]:.1f} at "
+                         f"{b:.0%} of its steps, {_pct(cost_ratio(summary, c, 'flops'))} of its FLOPs).")
     for b in budgets:
         chosen, distill = summary["table"]["rela-random-same"][b], summary["table"]["distill-only"][b]
         if chosen["n"] and distill["n"]:
