@@ -5,6 +5,8 @@
     python benchmarks/table1.py --full-epochs 32 --holdout 10000 --budgets 0.5 --seeds 0 \
         --sweep-switch adaptive plateau soft-plateau never        # choose the switch on the holdout split
     python benchmarks/table1.py --full-epochs 32 --report-only    # tables/plots from what has run
+    python benchmarks/table1.py --full-epochs 32 --holdout 10000 --budgets 0.2 --seeds 0 \
+        --rows byol-subset rela-random-same --set lr_schedule=constant warmup=0   # a knob, on the holdout
 
 "Full budget" is BYOL for E epochs (--full-epochs; E is chosen by benchmarks/byol_convergence.py)
 on all 60k images; budgets are fractions of its optimizer steps. Rows: 0 no training (the learner
@@ -34,9 +36,12 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 from common import (RESULTS, ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown,
                     table_head, train_and_evaluate, write_report)
 from rela.config import TrainConfig
+from rela.errors import RelaError
 from rela.plotting import pyplot
 from rela.train import count_step_flops
 
@@ -69,7 +74,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--backbone", default="convnet")
     p.add_argument("--other-arch", default="resnet-narrow", help="architecture of row 4's random prior")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="TrainConfig fields over every training row, BYOL's included (a knob investigation, on "
+                        "--holdout): e.g. lr_schedule=constant warmup=0; the result files get a _set-... suffix")
     p.add_argument("--switch", default="soft-plateau",
                    help="switch of the ReLA rows (3a uses adaptive, 7 never switches); chosen on --holdout 10000 "
                         "(benchmarks/results/table1_e32_switch_val10000.md)")
@@ -86,7 +93,33 @@ def parse_args(argv: list[str] | None = None):
                    help="validation only (needs --holdout): run row 3 with each switch spec instead of the grid")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args.overrides = parse_overrides(args.overrides)
+    except RelaError as e:
+        p.error(str(e))  # one line, exit 2
     return args
+
+
+ROW_FIELDS = ("prior", "switch", "ratio", "epochs", "max_steps", "seed", "out", "holdout", "train_limit")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``FIELD=VALUE`` strings -> TrainConfig fields, checked and typed as a config file's would be
+    (values read as YAML). The fields that define a row or a split are not for overriding."""
+    raw = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise RelaError(f"--set {item}: expected FIELD=VALUE")
+        if name in ROW_FIELDS:
+            raise RelaError(f"--set {name}: the grid sets it per row (or by its own option); not overridable")
+        raw[name] = yaml.safe_load(value)
+    checked = TrainConfig.from_dict(raw, source="--set")
+    return {name: getattr(checked, name) for name in raw}
+
+
+def overrides_suffix(overrides: dict) -> str:
+    return "_set-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) if overrides else ""
 
 
 def _costs(record: dict) -> dict:
@@ -99,20 +132,21 @@ class Grid:
     def __init__(self, args):
         self.args = args
         suffix = (f"_switch_val{args.holdout}" if args.sweep_switch else f"_val{args.holdout}") if args.holdout else ""
+        suffix += overrides_suffix(args.overrides)
         self.name = f"table1_e{args.full_epochs}{suffix}"
         self.results = ResultsFile(args.results / f"{self.name}.json", meta={
             "full_epochs": args.full_epochs, "backbone": args.backbone, "batch_size": args.batch_size,
             "switch": args.switch, "holdout": args.holdout, "train_limit": args.train_limit,
-            "dataset": "fashion-mnist"},
+            "dataset": "fashion-mnist", "overrides": args.overrides},
             command=None if args.report_only else command(__file__, args.argv))
         self.runs_dir = Path(f"{args.runs_dir}_e{args.full_epochs}{suffix}")
         self.n_train = (args.train_limit or TRAIN_IMAGES) - (args.holdout or 0)
         self.full_steps = args.full_epochs * (self.n_train // args.batch_size)
 
     def base(self, **kw) -> TrainConfig:
-        extra = {"lr": self.args.lr} if self.args.lr else {}
         return config(dataset="fashion-mnist", backbone=self.args.backbone, batch_size=self.args.batch_size,
-                           holdout=self.args.holdout, train_limit=self.args.train_limit, probe_every=0, progress=False, **extra, **kw)
+                      holdout=self.args.holdout, train_limit=self.args.train_limit, probe_every=0, progress=False,
+                      **self.args.overrides, **kw)
 
     def run(self, row: str, budget: float, seed: int, cfg: TrainConfig, prior_label: str) -> dict:
         return run_cell(self.results, dict(row=row, budget=budget, seed=seed), cfg, RECORDED,
@@ -162,7 +196,7 @@ class Grid:
         A run recorded before FLOPs were: images seen x the method's FLOPs per image, counted on this
         configuration's networks (BYOL on all data has one phase, so that is what training would record)."""
         a = self.args
-        if a.holdout or a.train_limit or a.lr or not a.byol_results.is_file():
+        if a.holdout or a.train_limit or a.overrides or not a.byol_results.is_file():
             return None
         other = ResultsFile(a.byol_results)
         if (other.meta.get("backbone"), other.meta.get("batch_size")) != (a.backbone, a.batch_size):
@@ -216,7 +250,8 @@ class Grid:
                 for row in self.args.rows:
                     if seed == self.args.seeds[0] or self.args.all_rows_every_seed or row not in ONE_SEED_ROWS:
                         self.cell(row, budget, seed)
-            self.byol_full(seed, 2 * self.args.full_epochs)  # does E deserve the name "full"?
+            if not self.args.holdout:  # is E full? A question for the test split, not for a validation run
+                self.byol_full(seed, 2 * self.args.full_epochs)
 
     def sweep_switch(self) -> None:
         """Choose the ReLA rows' switch on the holdout split: row 3 with each candidate switch."""

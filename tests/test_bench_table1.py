@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import needs_fmnist
 
@@ -171,3 +172,25 @@ def test_a_byol_run_imported_without_flops_gets_what_the_grid_records_for_byol(t
     assert imported["train_flops"] / imported["images_seen"] == pytest.approx(
         trained_here["train_flops"] / trained_here["images_seen"], rel=1e-9)
     assert table1._costs(imported)["cost_flops"] == imported["train_flops"]
+
+
+def test_set_overrides_every_training_row_and_names_its_files(tmp_path):
+    done = _bench(tmp_path, "--holdout", "128", "--set", "lr_schedule=constant", "warmup=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "res" / "table1_e1_val128_set-lr_scheduleconstant-warmup0.0.json").read_text())
+    assert data["meta"]["overrides"] == {"lr_schedule": "constant", "warmup": 0.0}
+    # on the holdout no BYOL at 2E (a convergence check for the test split) and nothing imported
+    assert sorted(r["row"] for r in data["runs"]) == ["byol-full", "byol-subset", "rela-random-same", "untrained"]
+    for r in data["runs"]:
+        assert "imported_from" not in r
+        cfg = yaml.safe_load((tmp_path / r["out"] / "config.yaml").read_text()) if r["row"] != "untrained" else None
+        if cfg:  # BYOL's rows too: a knob is compared recipe against recipe
+            assert (cfg["lr_schedule"], cfg["warmup"], cfg["holdout"]) == ("constant", 0.0, 128), r["row"]
+
+
+@pytest.mark.parametrize("item, message", [("lr", "expected FIELD=VALUE"), ("nosuch=1", "unknown field"),
+                                           ("ratio=0.5", "not overridable"), ("warmup=abc", "warmup")])
+def test_set_rejects_what_it_cannot_apply_in_one_line(tmp_path, item, message):
+    done = _script("table1.py", "--set", item, "--report-only", "--results", tmp_path, cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("benchmarks/table1.py: error:") and not list(tmp_path.iterdir())
