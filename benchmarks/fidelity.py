@@ -10,7 +10,8 @@ Rows: ``defaults`` (rela's TrainConfig defaults), ``authors`` (rela/presets/auth
 once) and one row per deviation switched on alone over the defaults (DEVIATIONS: which preset fields
 it sets). Every run is evaluated on the test split (k-NN 200 and 20, linear probe); finished runs are kept
 in fidelity.json and skipped, so the grid runs in pieces. Writes fidelity.json / .md under --results
-(fidelity_<switch>.* with --switch, e.g. fidelity_constant0.75.*; fidelity_val<N>.* with --holdout N).
+(fidelity_<switch>.* with --switch, e.g. fidelity_constant0.75.*; fidelity_val<N>.* with --holdout N;
+fidelity_e<E>_... off the 4-epoch cell, e.g. fidelity_e32_soft-plateau_val10000.*).
 
 With rela's and the authors' adaptive switch nothing hands over within 184 steps (see the Table 1 notes), so
 the rows that change only the base method's phase (constant-momentum, byol-hidden-256, switch-aug-next-epoch)
@@ -100,9 +101,15 @@ def cell_config(args, out: Path, seed: int, *, ratio: float, holdout: int | None
                      "progress": False, **fields, **switch, "seed": seed, "out": str(out)})
 
 
+PORT_CELL = {"epochs": 4, "ratio": 0.2, "holdout": None}  # where the authors' code was ported and measured
+
+
 def suffix(args, holdout: int | None) -> str:
-    """What tells a grid's files apart: ``_<switch>`` for a --switch, ``_val<N>`` on a holdout split."""
-    return (f"_{args.switch.replace(':', '')}" if args.switch else "") + (f"_val{holdout}" if holdout else "")
+    """What tells a grid's files apart: ``_e<E>`` / ``_r<ratio>`` off the default cell (4 epochs, 20 %),
+    ``_<switch>`` for a --switch, ``_val<N>`` on a holdout split."""
+    return ((f"_e{args.epochs}" if args.epochs != PORT_CELL["epochs"] else "")
+            + (f"_r{args.ratio}" if getattr(args, "ratio", PORT_CELL["ratio"]) != PORT_CELL["ratio"] else "")
+            + (f"_{args.switch.replace(':', '')}" if args.switch else "") + (f"_val{holdout}" if holdout else ""))
 
 
 def results_file(args, script: str, meta: dict, holdout: int | None = None) -> ResultsFile:
@@ -152,9 +159,10 @@ def report(args, results: ResultsFile) -> None:
         lines.append(f"| {row} | {fields} | {len(runs)} | " + " | ".join(accuracy_cells(runs))
                      + f" | {delta(runs, base, 'knn_top1')} | {delta(runs, base, 'linear_top1')} | "
                      f"{runs[0]['steps']} | {', '.join(switch)} |")
-    lines += ["", "The authors' code itself, ported to CPU on this cell (issue 16, 3 seeds, rela's evaluator):", "",
-              *table_head("run", "k-NN(200)", "k-NN(20)", "linear"),
-              *[f"| {name} | {a} | {b} | {c} |" for name, (a, b, c) in PORT.items()]]
+    if (args.epochs, args.ratio, args.holdout) == tuple(PORT_CELL.values()):
+        lines += ["", "The authors' code itself, ported to CPU on this cell (issue 16, 3 seeds, rela's evaluator):", "",
+                  *table_head("run", "k-NN(200)", "k-NN(20)", "linear"),
+                  *[f"| {name} | {a} | {b} | {c} |" for name, (a, b, c) in PORT.items()]]
     write_report(lines, results.path.with_suffix(".md"))
 
 
