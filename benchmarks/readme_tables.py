@@ -24,6 +24,10 @@ from rela.io import load_json, save_text
 
 
 TABLE1 = "table1_e32"  # the grid the README reports (table1_e4: the earlier, unconverged grid)
+# the LR-schedule investigation on the holdout: the default recipe, then the same grid with --set
+RECIPES = ("table1_e32_val10000", "table1_e32_val10000_set-lr_scheduleconstant-warmup0.0")
+# every results file a block reads
+SOURCES = (f"{TABLE1}.json", "byol_convergence.json", "methods.json", "theory_gaussian.json", *(f"{n}.json" for n in RECIPES))
 
 
 def table1_headline(results: Path, readme: Path) -> list[str]:
@@ -32,6 +36,11 @@ def table1_headline(results: Path, readme: Path) -> list[str]:
     link = os.path.relpath(results / f"{TABLE1}.md", readme.parent)
     return [f"Computed by `make readme-tables` from `{TABLE1}.json` (full table: [{TABLE1}.md]({Path(link).as_posix()})):",
             "", *[f"- {h}" for h in table1.headline(table1.summarise(runs, budgets), budgets)]]
+
+
+def lr_schedule_comparison(results: Path, readme: Path) -> list[str]:
+    base, other = (load_json(results / f"{name}.json") for name in RECIPES)
+    return table1.recipe_comparison(base["runs"], other["runs"], table1.recipe_label(other["meta"]["overrides"]))
 
 
 def byol_convergence_table(results: Path, readme: Path) -> list[str]:
@@ -51,7 +60,7 @@ def theory_summary(results: Path, readme: Path) -> list[str]:
 
 
 BLOCKS = {"table1-headline": table1_headline, "byol-convergence": byol_convergence_table, "methods-table": methods_table,
-          "theory-gaussian-summary": theory_summary}
+          "theory-gaussian-summary": theory_summary, "lr-schedule-holdout": lr_schedule_comparison}
 
 
 def replace_block(text: str, name: str, lines: list[str], readme: Path) -> str:

@@ -42,6 +42,7 @@ from common import (RESULTS, ResultsFile, add_output_args, command, config, fmt,
                     table_head, train_and_evaluate, write_report)
 from rela.config import TrainConfig
 from rela.errors import RelaError
+from rela.io import load_json
 from rela.plotting import pyplot
 from rela.train import count_step_flops
 
@@ -132,6 +133,7 @@ class Grid:
     def __init__(self, args):
         self.args = args
         suffix = (f"_switch_val{args.holdout}" if args.sweep_switch else f"_val{args.holdout}") if args.holdout else ""
+        self.base_results = args.results / f"table1_e{args.full_epochs}{suffix}.json"  # the same grid, no --set
         suffix += overrides_suffix(args.overrides)
         self.name = f"table1_e{args.full_epochs}{suffix}"
         self.results = ResultsFile(args.results / f"{self.name}.json", meta={
@@ -449,6 +451,54 @@ def notes(grid: Grid, summary: dict) -> list[str]:
     return lines
 
 
+RECIPE_MARGINS = (("byol-full", "BYOL-full"), ("byol-subset", "BYOL on a subset"), ("distill-only", "distillation only"))
+
+
+def _points(a: dict, b: dict) -> list[float]:
+    """a - b in points, per metric, of two summary cells."""
+    return [100 * (a[m][0] - b[m][0]) for m, _ in METRICS]
+
+
+def recipe_comparison(base_runs: list[dict], runs: list[dict], label: str) -> list[str]:
+    """A --set recipe against the default one: each cell that ran under both, then ReLA's margins.
+
+    A knob that helps ReLA is only worth adopting if it helps ReLA more than the rows ReLA is measured
+    against, so the verdict counts the margins (ReLA - BYOL on a subset, ReLA - distillation only, per
+    budget and metric) that grew under the new recipe.
+    """
+    budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base_runs))]
+    before, after = summarise(base_runs, budgets), summarise(runs, budgets)
+    cells = [("BYOL-full (100%)", before["full"], after["full"]), ("0. No training (floor)", before["floor"], after["floor"])]
+    cells += [(f"{ROWS[row]}, {b:.0%}", before["table"][row][b], after["table"][row][b]) for b in budgets for row in ROWS]
+    lines = ["k-NN(200) / linear top-1 (%); change in points.", "",
+             *table_head("cell", "default recipe", label, "change")]
+    lines += [f"| {name} | {accuracy(x['runs'])} | {accuracy(y['runs'])} | "
+              + " / ".join(f"{d:+.1f}" for d in _points(y, x)) + " |" for name, x, y in cells if x["n"] and y["n"]]
+    lines += ["", "ReLA (row 3) minus each row it is compared with, under each recipe (points, k-NN / linear):", "",
+              *table_head("margin", "default recipe", label, "change")]
+    grew = total = 0
+    for b in budgets:
+        rela = (before["table"]["rela-random-same"][b], after["table"]["rela-random-same"][b])
+        for row, name in RECIPE_MARGINS:
+            other = (before["full"], after["full"]) if row == "byol-full" else (before["table"][row][b], after["table"][row][b])
+            if not all(c["n"] for c in (*rela, *other)):
+                continue
+            m0, m1 = _points(rela[0], other[0]), _points(rela[1], other[1])
+            change = [y - x for x, y in zip(m0, m1)]
+            grew, total = grew + sum(d > 0 for d in change), total + len(change)
+            lines.append(f"| over {name}, {b:.0%} | " + " | ".join(" / ".join(f"{d:+.1f}" for d in m) for m in (m0, m1, change))
+                         + " |")
+    if total:
+        lines += ["", f"{grew} of {total} margins grew under {label}: "
+                  + ("it helps ReLA more than the rows it is compared with." if grew == total else
+                     "it does not help ReLA more than the rows it is compared with on every budget and metric.")]
+    return lines
+
+
+def recipe_label(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
 def write_table(grid: Grid) -> None:
     args = grid.args
     summary = summarise(grid.results.runs, args.budgets)
@@ -467,6 +517,9 @@ def write_table(grid: Grid) -> None:
              *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)), *cost_rows(summary, args.budgets),
              *notes(grid, summary),
              "", "## Headline (computed)", "", *[f"- {h}" for h in headline(summary, args.budgets)]]
+    if args.overrides and grid.base_results.is_file():
+        lines += ["", f"## Against the default recipe ({grid.base_results.name})", "",
+                  *recipe_comparison(load_json(grid.base_results)["runs"], grid.results.runs, recipe_label(args.overrides))]
     write_report(lines, grid.results.path.with_suffix(".md"))
     plot_cost(grid, summary)
     plot_byol_curve(grid)

@@ -97,8 +97,7 @@ def test_readme_tables_regenerates_only_the_marked_blocks(tmp_path):
     assert "99.9 stale" in stale and "| vicreg | 11.1 |" in stale
     results = tmp_path / "benchmarks" / "results"  # the checkout's layout, so the README's links match
     results.mkdir(parents=True)
-    table1 = _benchmark("readme_tables").TABLE1  # the grid the README reports
-    for name in (f"{table1}.json", "byol_convergence.json", "methods.json", "theory_gaussian.json"):
+    for name in _benchmark("readme_tables").SOURCES:  # the results files the README's blocks come from
         shutil.copy(BENCHMARKS / "results" / name, results)
     readme = tmp_path / "README.md"
     readme.write_text(stale)
@@ -150,6 +149,31 @@ def test_switch_choice_takes_the_best_mean_and_states_its_margin_over_distillati
     assert "**plateau**" in line and "+0.80 k-NN / +0.30 linear; misses" in line
     runs[2] = run("never", 0.83, 0.88)
     assert "**never**" in chosen_switch(runs, specs, [0.5]) and "buys nothing" in chosen_switch(runs, specs, [0.5])
+
+
+def test_a_recipe_is_compared_cell_by_cell_and_by_relas_margins_over_its_references():
+    table1 = _benchmark("table1")
+
+    def run(row, budget, knn, linear):
+        return {"row": row, "budget": budget, "seed": 0, "knn_top1": knn, "linear_top1": linear}
+
+    base = [run("untrained", 0.0, 0.75, 0.82), run("byol-full", 1.0, 0.83, 0.88), run("byol-subset", 0.2, 0.79, 0.85),
+            run("rela-random-same", 0.2, 0.81, 0.87), run("distill-only", 0.2, 0.81, 0.87),
+            run("rela-random-same", 0.5, 0.82, 0.875)]  # a budget the other recipe has not run: left out
+    tuned = [run("untrained", 0.0, 0.75, 0.82), run("byol-full", 1.0, 0.84, 0.88), run("byol-subset", 0.2, 0.79, 0.86),
+             run("rela-random-same", 0.2, 0.83, 0.88), run("distill-only", 0.2, 0.815, 0.875)]
+    lines = table1.recipe_comparison(base, tuned, "lr_schedule=constant")
+    text = "\n".join(lines)
+    assert "| 3. ReLA, random-init prior (same arch), 20% | 81.0 / 87.0 | 83.0 / 88.0 | +2.0 / +1.0 |" in lines
+    assert "| BYOL-full (100%) | 83.0 / 88.0 | 84.0 / 88.0 | +1.0 / +0.0 |" in lines
+    assert "50%" not in text
+    # ReLA - BYOL-full: -2/-1 -> -1/0; ReLA - subset: +2/+2 -> +4/+2 (linear unchanged); ReLA - distill: 0/0 -> +1.5/+0.5
+    assert "| over BYOL-full, 20% | -2.0 / -1.0 | -1.0 / +0.0 | +1.0 / +1.0 |" in lines
+    assert "| over BYOL on a subset, 20% | +2.0 / +2.0 | +4.0 / +2.0 | +2.0 / +0.0 |" in lines
+    assert lines[-1].startswith("5 of 6 margins grew") and "does not help ReLA more" in lines[-1]
+    tuned[2] = run("byol-subset", 0.2, 0.79, 0.85)  # now every margin grows
+    assert "6 of 6 margins grew under lr_schedule=constant: it helps ReLA more" in table1.recipe_comparison(
+        base, tuned, "lr_schedule=constant")[-1]
 
 
 @needs_fmnist
