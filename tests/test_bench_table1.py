@@ -151,6 +151,28 @@ def test_switch_choice_takes_the_best_mean_and_states_its_margin_over_distillati
     assert "**never**" in chosen_switch(runs, specs, [0.5]) and "buys nothing" in chosen_switch(runs, specs, [0.5])
 
 
+def test_full_e_is_the_first_whose_doubling_adds_little_and_seeds_are_named_at_e_and_2e(tmp_path):
+    """byol_convergence's rule on seed 0's curve, then the check on the mean of the seeds that have run."""
+    convergence = _benchmark("byol_convergence")
+
+    def run(epochs, seed, knn, linear):
+        return {"epochs": epochs, "seed": seed, "steps": epochs * 10, "knn_top1": knn, "knn20_top1": knn,
+                "linear_top1": linear, "train_seconds": float(epochs)}
+
+    curve = [run(4, 0, 0.79, 0.84), run(8, 0, 0.81, 0.86), run(16, 0, 0.815, 0.863), run(32, 0, 0.82, 0.865)]
+    path = tmp_path / "byol_convergence.json"
+    path.write_text(json.dumps({"meta": {}, "runs": curve + [run(8, 1, 0.81, 0.85)]}))
+    lines = convergence.table_lines(convergence.ResultsFile(path))
+    assert "Chosen: E = 8 epochs (seed 0: doubling adds +0.50 k-NN, +0.30 linear)." in lines  # 4 -> 8 adds +2 / +2
+    # mean of seeds 0-1 at E = 8 (81.0 / 85.5) against seed 0 at 16: +0.5 / +0.8, a miss, and it says why
+    assert lines[-1] == ("On the mean of seeds [0, 1] at E and [0] at 2E: 2E - E = +0.50 k-NN, +0.80 linear "
+                         "(misses the rule; not every seed has run).")
+    path.write_text(json.dumps({"meta": {}, "runs": curve + [run(8, s, 0.81, 0.86) for s in (1, 2)]
+                                + [run(16, s, 0.815, 0.863) for s in (1, 2)]}))
+    assert convergence.table_lines(convergence.ResultsFile(path))[-1] == (
+        "On the mean of seeds [0, 1, 2] at E and [0, 1, 2] at 2E: 2E - E = +0.50 k-NN, +0.30 linear (meets the rule).")
+
+
 def test_a_recipe_is_compared_cell_by_cell_and_by_relas_margins_over_its_references():
     table1 = _benchmark("table1")
 
