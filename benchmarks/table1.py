@@ -385,7 +385,7 @@ def headline(summary: dict, budgets: list[float]) -> list[str]:
     for b in budgets:
         chosen, distill = summary["table"]["rela-random-same"][b], summary["table"]["distill-only"][b]
         if chosen["n"] and distill["n"]:
-            gains = [100 * (chosen[m][0] - distill[m][0]) for m, _ in METRICS]
+            gains = _points(chosen, distill)
             lines.append(f"Hand-over at {b:.0%}: ReLA with the switch vs distillation only: k-NN {gains[0]:+.1f}, "
                          f"linear {gains[1]:+.1f} points.")
     small = min(budgets)
@@ -463,8 +463,8 @@ def recipe_comparison(base_runs: list[dict], runs: list[dict], label: str) -> li
     """A --set recipe against the default one: each cell that ran under both, then ReLA's margins.
 
     A knob that helps ReLA is only worth adopting if it helps ReLA more than the rows ReLA is measured
-    against, so the verdict counts the margins (ReLA - BYOL on a subset, ReLA - distillation only, per
-    budget and metric) that grew under the new recipe.
+    against, so the verdict counts the margins (ReLA - BYOL-full, ReLA - BYOL on a subset, ReLA -
+    distillation only, per budget and metric) that grew under the new recipe.
     """
     budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base_runs))]
     before, after = summarise(base_runs, budgets), summarise(runs, budgets)
@@ -476,11 +476,14 @@ def recipe_comparison(base_runs: list[dict], runs: list[dict], label: str) -> li
               + " / ".join(f"{d:+.1f}" for d in _points(y, x)) + " |" for name, x, y in cells if x["n"] and y["n"]]
     lines += ["", "ReLA (row 3) minus each row it is compared with, under each recipe (points, k-NN / linear):", "",
               *table_head("margin", "default recipe", label, "change")]
+    def cells_of(row: str, b: float) -> tuple[dict, dict]:  # under each recipe; BYOL-full has one budget
+        return (before["full"], after["full"]) if row == "byol-full" else (before["table"][row][b], after["table"][row][b])
+
     grew = total = 0
     for b in budgets:
-        rela = (before["table"]["rela-random-same"][b], after["table"]["rela-random-same"][b])
+        rela = cells_of("rela-random-same", b)
         for row, name in RECIPE_MARGINS:
-            other = (before["full"], after["full"]) if row == "byol-full" else (before["table"][row][b], after["table"][row][b])
+            other = cells_of(row, b)
             if not all(c["n"] for c in (*rela, *other)):
                 continue
             m0, m1 = _points(rela[0], other[0]), _points(rela[1], other[1])
