@@ -18,6 +18,7 @@ so the script resumes where it stopped. Evaluation: the test split, k-NN (k = 20
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -62,6 +63,14 @@ def gain(runs: dict[int, list[dict]], e: int, metric: str) -> float | None:
     return 100 * (mean_std([r[metric] for r in runs[2 * e]])[0] - mean_std([r[metric] for r in runs[e]])[0])
 
 
+def gain_se(runs: dict[int, list[dict]], e: int, metric: str) -> float | None:
+    """Standard error of gain(), in points: sqrt(s_E^2/n_E + s_2E^2/n_2E); None while a side has one seed."""
+    sides = [[r[metric] for r in runs.get(k, [])] for k in (e, 2 * e)]
+    if min(len(v) for v in sides) < 2:
+        return None
+    return 100 * math.sqrt(sum(mean_std(v)[1] ** 2 / len(v) for v in sides))
+
+
 def choose_e(runs: dict[int, list[dict]]) -> int | None:
     """The smallest e whose doubling adds < KNN_GAIN k-NN and < LINEAR_GAIN linear points."""
     for e in runs:
@@ -94,9 +103,17 @@ def table_lines(results: ResultsFile, seeds=(0, 1, 2)) -> list[str]:
         seeds_e, seeds_2e = (sorted({r["seed"] for r in full.get(e, [])}) for e in (chosen, 2 * chosen))
         if g3[0] is not None and max(len(seeds_e), len(seeds_2e)) > 1:
             verdict = "meets" if g3[0] < KNN_GAIN and g3[1] < LINEAR_GAIN else "misses"
-            lines.append(f"On the mean of seeds {seeds_e} at E and {seeds_2e} at 2E: 2E - E = {g3[0]:+.2f} k-NN, "
-                         f"{g3[1]:+.2f} linear ({verdict} the rule"
+            se = (gain_se(full, chosen, "knn_top1"), gain_se(full, chosen, "linear_top1"))
+            pm = [f" ± {s:.2f}" if s is not None else "" for s in se]
+            lines.append(f"On the mean of seeds {seeds_e} at E and {seeds_2e} at 2E: 2E - E = {g3[0]:+.2f}{pm[0]} k-NN, "
+                         f"{g3[1]:+.2f}{pm[1]} linear ({verdict} the rule"
                          + ("" if seeds_e == seeds_2e == sorted(seeds) else "; not every seed has run") + ").")
+            over = [f"{name} by {g - limit:.2f} points ({(g - limit) / s:.1f} standard errors)"
+                    for name, g, limit, s in (("k-NN", g3[0], KNN_GAIN, se[0]), ("linear", g3[1], LINEAR_GAIN, se[1]))
+                    if g >= limit and s]
+            if over:
+                lines.append("± is one standard error of the difference of means; the gain exceeds the rule's limit: "
+                             + ", ".join(over) + ".")
     return lines
 
 

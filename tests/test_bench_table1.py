@@ -170,7 +170,17 @@ def test_full_e_is_the_first_whose_doubling_adds_little_and_seeds_are_named_at_e
     path.write_text(json.dumps({"meta": {}, "runs": curve + [run(8, s, 0.81, 0.86) for s in (1, 2)]
                                 + [run(16, s, 0.815, 0.863) for s in (1, 2)]}))
     assert convergence.table_lines(convergence.ResultsFile(path))[-1] == (
-        "On the mean of seeds [0, 1, 2] at E and [0, 1, 2] at 2E: 2E - E = +0.50 k-NN, +0.30 linear (meets the rule).")
+        "On the mean of seeds [0, 1, 2] at E and [0, 1, 2] at 2E: 2E - E = +0.50 ± 0.00 k-NN, +0.30 ± 0.00 linear "
+        "(meets the rule).")
+    # seeds that scatter: linear 86.0 ± 0.1 at E, 86.6 ± 0.3 at 2E -> +0.60 ± sqrt((0.1^2 + 0.3^2) / 3) = 0.18: 0.10 over
+    path.write_text(json.dumps({"meta": {}, "runs": curve + [run(8, 1, 0.81, 0.861), run(8, 2, 0.81, 0.859)]
+                                + [run(16, 1, 0.815, 0.866), run(16, 2, 0.815, 0.869)]}))
+    lines = convergence.table_lines(convergence.ResultsFile(path))
+    assert lines[-2:] == [
+        "On the mean of seeds [0, 1, 2] at E and [0, 1, 2] at 2E: 2E - E = +0.50 ± 0.00 k-NN, +0.60 ± 0.18 linear "
+        "(misses the rule).",
+        "± is one standard error of the difference of means; the gain exceeds the rule's limit: "
+        "linear by 0.10 points (0.5 standard errors)."]
 
 
 def test_a_recipe_is_compared_cell_by_cell_and_by_relas_margins_over_its_references():
