@@ -72,6 +72,8 @@ class Switch(nn.Module):
         super().__init__()
         self.register_buffer("switched", torch.tensor(False))
         self.register_buffer("switch_step", torch.tensor(-1, dtype=torch.long))
+        # the first step taken with lam < 1, where the base method's loss begins (a soft hand-over's ramp start)
+        self.register_buffer("method_start", torch.tensor(-1, dtype=torch.long))
 
     def weight(self, progress: Progress) -> float:
         """lambda, the weight of the ReLA loss for the coming step (reads the state, never changes it)."""
@@ -82,6 +84,8 @@ class Switch(nn.Module):
 
         At weight 0 the hand-over is recorded (once); otherwise the loss goes to :meth:`update`.
         """
+        if lam < 1 and self.method_start < 0:
+            self.method_start.fill_(progress.step)
         if lam == 0:
             self.record_switch(progress.step)
         elif loss is not None:

@@ -21,7 +21,7 @@ from rela.backbones import build_backbone
 from rela.bank import load_or_extract
 from rela.config import TrainConfig
 from rela.errors import RelaError
-from rela.data import ImageDataset, load_dataset
+from rela.data import ImageDataset, load_dataset, rela_view
 from rela.data.datasets import DEFAULT_IMAGE_SIZE
 from rela.data.files import open_files
 from rela.data.stream import StreamSet
@@ -142,6 +142,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
                         prior.model, (prior.channels, prior.input_size, prior.input_size)),
                     target_explained_variance=targets.explained_variance)
         rela = ReLAAccelerator(feature_dim, targets.values, build_switch(cfg.switch),
+                               view=rela_view(cfg.rela_augment, method.views),
                                train_transfer=cfg.transfer_head == "trained")
     return Prepared(train_set, test_set, method, rela, feature_dim, info, device, mode)
 

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sys
 
-from rela.config import SWITCH_AUG_AT, TRANSFER_HEADS, TrainConfig, read_yaml
+from rela.config import MOMENTUM_AFTER_SWITCH, RELA_AUGMENTS, SWITCH_AUG_AT, TRANSFER_HEADS, TrainConfig, read_yaml
 from rela.errors import RelaError
 from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LOGGERS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES,
                            PRESETS, PRIORS, SWITCHES, Registry)
@@ -45,6 +45,10 @@ TRAIN_FLAGS = {
                              "random map (the authors' code)"),
     "--switch-aug-at": (str, f"{' | '.join(SWITCH_AUG_AT)}: the base method's augmentations replace ReLA's from the "
                              "first step after the switch, or from the next epoch (the authors' code)"),
+    "--rela-augment": (str, f"{' | '.join(RELA_AUGMENTS)}: the ReLA phase's views: the spec's (mild crops, strong "
+                            "colour jitter), crops and flips only, or the base method's first view"),
+    "--momentum-after-switch": (str, f"{' | '.join(MOMENTUM_AFTER_SWITCH)}: the momentum networks' schedule runs "
+                                     "on across the hand-over, or starts again where the method's loss does"),
     "--ratio": (float, "fraction of the data drawn afresh every epoch, in (0, 1]"),
     "--epochs": (int, "number of epochs (each over ratio * N images)"),
     "--max-steps": (int, "stop after this many optimizer steps (LR schedule spans them); 0: no training, the learner as initialised"),

@@ -22,6 +22,8 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed")
 TRANSFER_HEADS = ("trained", "frozen")  # frozen: a fixed random linear map, as in the authors' code
 SWITCH_AUG_AT = ("step", "epoch")  # when the base method's augmentations replace ReLA's after the switch
+RELA_AUGMENTS = ("rela", "weak", "method")  # the ReLA phase's views (rela.data.augment.rela_view)
+MOMENTUM_AFTER_SWITCH = ("continue", "restart")  # the momentum schedule across the hand-over
 DATA_MODES = ("auto", "memory", "stream")
 AUGMENT_ON = ("device", "workers")  # stream mode: where the views are made
 
@@ -78,6 +80,8 @@ class TrainConfig:
     target_variance: float = 1.0  # keep the top components explaining this share of the prior's variance (1: all m)
     transfer_head: str = "trained"  # trained | frozen (the authors' code leaves it out of the optimiser)
     switch_aug_at: str = "step"  # the method's views after the switch from its next step, or its next epoch
+    rela_augment: str = "rela"  # the ReLA phase's views: the spec's (mild crops, strong jitter), weak, or the method's
+    momentum_after_switch: str = "continue"  # restart: the momentum schedule starts again where the method's loss does
     # budget and optimisation
     ratio: float = 1.0
     epochs: int = 10
@@ -134,6 +138,7 @@ class TrainConfig:
                                 (LOGGERS, self.logger)):
             registry.check(value)
         for name, choices in (("transfer_head", TRANSFER_HEADS), ("switch_aug_at", SWITCH_AUG_AT),
+                              ("rela_augment", RELA_AUGMENTS), ("momentum_after_switch", MOMENTUM_AFTER_SWITCH),
                               ("augment_on", AUGMENT_ON)):
             if getattr(self, name) not in choices:
                 raise unknown(name, getattr(self, name), choices)

@@ -156,9 +156,9 @@ class ReLAModule(L.LightningModule):
             return None
         index, y, rela_view, method_views = parts
         progress = self.progress()
-        step, max_steps = progress.step, progress.total_steps
-        momentum = self.method.update_momentum(step, max_steps)  # in the ReLA phase too (spec step 4)
+        step = progress.step
         lam = self.rela.switch.weight(progress) if self.rela is not None else 0.0
+        momentum = self.method.update_momentum(*self.momentum_clock(progress, lam))  # in the ReLA phase too (spec step 4)
         # A phase's loss not computed this step is logged as NaN: Lightning would repeat its last value.
         loss, logs, rela_loss = 0.0, {"lambda": lam, "method_loss": math.nan}, None
         if momentum is not None:
@@ -188,6 +188,15 @@ class ReLAModule(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self._batch_images, self._batch_lam = len(index), lam
         return loss + monitor_loss
+
+    def momentum_clock(self, progress: Progress, lam: float) -> tuple[int, int]:
+        """(step, of steps) the momentum schedule follows: the run's, or with ``momentum_after_switch:
+        restart`` the steps since the base method's loss began, so its momentum networks warm up again."""
+        if self.cfg.momentum_after_switch == "restart" and self.rela is not None and lam < 1:
+            start = int(self.rela.switch.method_start)
+            start = progress.step if start < 0 else start  # this step is the first with the method's loss
+            return progress.step - start, progress.total_steps - start
+        return progress.step, progress.total_steps
 
     def ssl_views(self) -> tuple:
         """The augmentations of a step with the base method's loss: the method's own views, except

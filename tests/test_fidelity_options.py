@@ -140,6 +140,33 @@ def test_switch_aug_at_epoch_keeps_relas_views_until_the_epoch_of_the_switch_end
     assert rec.rela_views == expected
 
 
+# --- --rela-augment, --momentum-after-switch (investigations of the hand-over, issue 13) -------------------
+
+def test_rela_augment_names_the_views_of_the_rela_phase_only(tmp_path):
+    from rela.data.augment import RELA_VIEW, WEAK_VIEW
+
+    def prepared(name):
+        return prepare(TrainConfig(**TINY_CFG, prior="random", rela_augment=name, cache_dir=str(tmp_path)))
+
+    default, weak, method = (prepared(n) for n in ("rela", "weak", "method"))
+    assert default.rela.view is RELA_VIEW and weak.rela.view is WEAK_VIEW
+    assert method.rela.view is method.method.views[0] and method.method.views == default.method.views
+    assert WEAK_VIEW.jitter_p == WEAK_VIEW.gray_p == 0.0 and RELA_VIEW.jitter_p > 0
+
+
+@pytest.mark.parametrize("mode", ["continue", "restart"])
+def test_momentum_after_switch_restart_starts_the_schedule_again_where_the_methods_loss_begins(tmp_path, mode):
+    from rela.schedules import momentum_schedule
+    cosine = momentum_schedule("cosine")
+    # adaptive:0 hands over after step 0 of 4: steps 1-3 train the base method
+    rec = fit(tmp_path, mode, prior="random", switch="adaptive:0", momentum_after_switch=mode)
+    assert rec.lam == [1.0, 0.0, 0.0, 0.0] and rec.momentum[0] is None  # step 0: the EMA still equals the learner
+    clock = [(s - 1, 3) for s in (1, 2, 3)] if mode == "restart" else [(s, 4) for s in (1, 2, 3)]
+    assert rec.momentum[1:] == pytest.approx([cosine(s, n, 0.99, 1.0) for s, n in clock], abs=2e-4)
+    state = torch.load(tmp_path / mode / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert int(state["state_dict"]["rela.switch.method_start"]) == 1  # checkpointed: a resumed run keeps its clock
+
+
 # --- --hidden-dim ---------------------------------------------------------------------------------
 
 def test_hidden_dim_sets_the_width_of_the_byol_heads_only():
@@ -185,7 +212,8 @@ def test_target_variance_is_logged_with_the_kept_dimension(tmp_path):
     ("--lr-schedule", "linear", "lr schedule"), ("--momentum-schedule", "step", "momentum schedule"),
     ("--hidden-dim", "0", "hidden_dim"), ("--target-variance", "0", "target_variance"),
     ("--target-variance", "1.5", "target_variance"), ("--prior", "learner-init:x", "prior"),
-    ("--preset", "reference", "preset"),
+    ("--preset", "reference", "preset"), ("--rela-augment", "strong", "rela_augment"),
+    ("--momentum-after-switch", "reset", "momentum_after_switch"),
 ])
 def test_a_bad_value_is_one_line_naming_the_field_and_exit_2(tmp_path, capsys, flag, value, named):
     assert main(["train", flag, value, "--out", str(tmp_path / "never")]) == 2

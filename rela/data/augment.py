@@ -53,7 +53,15 @@ MOCO_VIEW = ViewAugment(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1))
 SIMSIAM_VIEW = ViewAugment(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1))
 DINO_VIEW_1 = ViewAugment(crop_scale=(0.4, 1.0))  # DINO's global crops
 DINO_VIEW_2 = ViewAugment(crop_scale=(0.4, 1.0), solarize_p=0.2)
-SUPERVISED_VIEW = ViewAugment(crop_scale=(0.5, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, gray_p=0.0)
+# Crops and flips only: supervised training's views, and the ReLA phase's with rela_augment "weak".
+WEAK_VIEW = ViewAugment(crop_scale=(0.5, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, gray_p=0.0)
+SUPERVISED_VIEW = WEAK_VIEW
+
+
+def rela_view(name: str, method_views: tuple) -> ViewAugment:
+    """The ReLA phase's views by config name (TrainConfig.rela_augment): the spec's, weak, or the base
+    method's first view (then the inputs do not change at the hand-over, only the objective)."""
+    return {"rela": RELA_VIEW, "weak": WEAK_VIEW, "method": method_views[0]}[name]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
