@@ -40,7 +40,7 @@ import yaml
 
 from common import (RESULTS, ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown,
                     table_head, train_and_evaluate, write_report)
-from rela.config import TrainConfig
+from rela.config import PRIOR_ONLY_FIELDS, TrainConfig
 from rela.errors import RelaError
 from rela.io import load_json
 from rela.plotting import pyplot
@@ -77,7 +77,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="overrides",
                    help="TrainConfig fields over every training row, BYOL's included (a knob investigation, on "
-                        "--holdout): e.g. lr_schedule=constant warmup=0; the result files get a _set-... suffix")
+                        "--holdout): e.g. lr_schedule=constant warmup=0; the result files get a _set-... suffix. "
+                        "When every field is one only a prior reads (e.g. target_variance, rela_augment), the rows "
+                        "without a prior are taken from the default recipe's file instead of retrained")
     p.add_argument("--switch", default="soft-plateau",
                    help="switch of the ReLA rows (3a uses adaptive, 7 never switches); chosen on --holdout 10000 "
                         "(benchmarks/results/table1_e32_switch_val10000.md)")
@@ -151,9 +153,20 @@ class Grid:
                       **self.args.overrides, **kw)
 
     def run(self, row: str, budget: float, seed: int, cfg: TrainConfig, prior_label: str) -> dict:
+        key = dict(row=row, budget=budget, seed=seed)
+        if not self.results.find(**key) and (same := self.same_run_of_the_default_recipe(cfg, key)):
+            self.results.add(same)
         return run_cell(self.results, dict(row=row, budget=budget, seed=seed), cfg, RECORDED,
                         f"[table1] {row} budget={budget} seed={seed} prior={cfg.prior}",
                         extra={"prior": prior_label, "out": shown(cfg.out)}, derive=_costs)
+
+    def same_run_of_the_default_recipe(self, cfg: TrainConfig, key: dict) -> dict | None:
+        """A row without a prior, in a --set grid that changes only what a prior reads, is the default
+        recipe's run: its result is taken from that grid's file instead of training it again."""
+        if cfg.prior != "none" or not self.args.overrides or not set(self.args.overrides) <= PRIOR_ONLY_FIELDS:
+            return None
+        found = ResultsFile(self.base_results).find(**key) if self.base_results.is_file() else None
+        return None if found is None else {**found, "imported_from": shown(self.base_results)}
 
     def out(self, name: str) -> str:
         return str(self.runs_dir / name)

@@ -24,6 +24,10 @@ TRANSFER_HEADS = ("trained", "frozen")  # frozen: a fixed random linear map, as 
 SWITCH_AUG_AT = ("step", "epoch")  # when the base method's augmentations replace ReLA's after the switch
 RELA_AUGMENTS = ("rela", "weak", "method")  # the ReLA phase's views (rela.data.augment.rela_view)
 MOMENTUM_AFTER_SWITCH = ("continue", "restart")  # the momentum schedule across the hand-over
+# Fields that only a run with a prior reads: a baseline (prior "none") is the same run whatever they hold,
+# so a benchmark that varies them need not retrain its baselines (tests/test_fidelity_options.py checks it).
+PRIOR_ONLY_FIELDS = frozenset({"prior_weights", "prior_seed", "switch", "bank", "bank_dtype", "target_variance",
+                               "transfer_head", "switch_aug_at", "rela_augment", "momentum_after_switch"})
 DATA_MODES = ("auto", "memory", "stream")
 AUGMENT_ON = ("device", "workers")  # stream mode: where the views are made
 

@@ -244,6 +244,22 @@ def test_set_overrides_every_training_row_and_names_its_files(tmp_path):
             assert (cfg["lr_schedule"], cfg["warmup"], cfg["holdout"]) == ("constant", 0.0, 128), r["row"]
 
 
+def test_set_of_prior_only_fields_takes_the_baselines_from_the_default_recipes_grid(tmp_path):
+    assert _bench(tmp_path, "--holdout", "128").returncode == 0
+    done = _bench(tmp_path, "--holdout", "128", "--set", "target_variance=0.5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    default = {r["row"]: r for r in json.loads((tmp_path / "res" / "table1_e1_val128.json").read_text())["runs"]}
+    data = json.loads((tmp_path / "res" / "table1_e1_val128_set-target_variance0.5.json").read_text())
+    for r in data["runs"]:
+        if r["row"] == "rela-random-same":  # the only row with a prior trains again, with the knob
+            assert "imported_from" not in r and "set-target_variance0.5" in r["out"]
+            assert yaml.safe_load((tmp_path / r["out"] / "config.yaml").read_text())["target_variance"] == 0.5
+        else:  # untrained, BYOL-full, BYOL-subset: the default recipe's runs, not retrained
+            assert r["imported_from"].endswith("table1_e1_val128.json")
+            assert {k: v for k, v in r.items() if k != "imported_from"} == default[r["row"]]
+    assert not (tmp_path / "runs_e1_val128_set-target_variance0.5" / "byol-full-s0").exists()
+
+
 @pytest.mark.parametrize("item, message", [("lr", "expected FIELD=VALUE"), ("nosuch=1", "unknown field"),
                                            ("ratio=0.5", "not overridable"), ("warmup=abc", "warmup")])
 def test_set_rejects_what_it_cannot_apply_in_one_line(tmp_path, item, message):

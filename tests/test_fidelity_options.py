@@ -167,6 +167,19 @@ def test_momentum_after_switch_restart_starts_the_schedule_again_where_the_metho
     assert int(state["state_dict"]["rela.switch.method_start"]) == 1  # checkpointed: a resumed run keeps its clock
 
 
+def test_a_run_without_a_prior_ignores_every_prior_only_field(tmp_path):
+    from rela.config import PRIOR_ONLY_FIELDS
+    changed_fields = dict(prior_weights=str(tmp_path / "absent.pt"), prior_seed=7, switch="never",
+                          bank=str(tmp_path / "absent.npy"), bank_dtype="float32", target_variance=0.5,
+                          transfer_head="frozen", switch_aug_at="epoch", rela_augment="weak",
+                          momentum_after_switch="restart")
+    assert set(changed_fields) == PRIOR_ONLY_FIELDS
+    assert all(changed_fields[k] != getattr(TrainConfig(), k) for k in changed_fields)
+    default, changed_run = fit(tmp_path, "default"), fit(tmp_path, "changed", **changed_fields)
+    assert default.lr == changed_run.lr and default.momentum == changed_run.momentum
+    assert all(torch.equal(default.end[k], changed_run.end[k]) for k in default.end)  # the same run, bit for bit
+
+
 # --- --hidden-dim ---------------------------------------------------------------------------------
 
 def test_hidden_dim_sets_the_width_of_the_byol_heads_only():
