@@ -40,7 +40,7 @@ import yaml
 
 from common import (RESULTS, ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown,
                     table_head, train_and_evaluate, write_report)
-from rela.config import PRIOR_ONLY_FIELDS, TrainConfig
+from rela.config import HANDOVER_ONLY_FIELDS, PRIOR_ONLY_FIELDS, TrainConfig
 from rela.errors import RelaError
 from rela.io import load_json
 from rela.plotting import pyplot
@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None):
                    help="TrainConfig fields over every training row, BYOL's included (a knob investigation, on "
                         "--holdout): e.g. lr_schedule=constant warmup=0; the result files get a _set-... suffix. "
                         "When every field is one only a prior reads (e.g. target_variance, rela_augment), the rows "
-                        "without a prior are taken from the default recipe's file instead of retrained")
+                        "without a prior are taken from the default recipe's file instead of retrained; when every "
+                        "field is one only the hand-over reads (momentum_after_switch), so is distillation only")
     p.add_argument("--switch", default="soft-plateau",
                    help="switch of the ReLA rows (3a uses adaptive, 7 never switches); chosen on --holdout 10000 "
                         "(benchmarks/results/table1_e32_switch_val10000.md)")
@@ -161,9 +162,11 @@ class Grid:
                         extra={"prior": prior_label, "out": shown(cfg.out)}, derive=_costs)
 
     def same_run_of_the_default_recipe(self, cfg: TrainConfig, key: dict) -> dict | None:
-        """A row without a prior, in a --set grid that changes only what a prior reads, is the default
+        """A row that ignores every field a --set grid changes (one without a prior, when only what a prior
+        reads changes; distillation only, when only what the hand-over reads changes) is the default
         recipe's run: its result is taken from that grid's file instead of training it again."""
-        if cfg.prior != "none" or not self.args.overrides or not set(self.args.overrides) <= PRIOR_ONLY_FIELDS:
+        ignored = PRIOR_ONLY_FIELDS if cfg.prior == "none" else HANDOVER_ONLY_FIELDS if cfg.switch == "never" else set()
+        if not self.args.overrides or not set(self.args.overrides) <= ignored:
             return None
         found = ResultsFile(self.base_results).find(**key) if self.base_results.is_file() else None
         return None if found is None else {**found, "imported_from": shown(self.base_results)}

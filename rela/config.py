@@ -28,6 +28,8 @@ MOMENTUM_AFTER_SWITCH = ("continue", "restart")  # the momentum schedule across 
 # so a benchmark that varies them need not retrain its baselines (tests/test_fidelity_options.py checks it).
 PRIOR_ONLY_FIELDS = frozenset({"prior_weights", "prior_seed", "switch", "bank", "bank_dtype", "target_variance",
                                "transfer_head", "switch_aug_at", "rela_augment", "momentum_after_switch"})
+# Fields that only the hand-over reads: a run whose switch is "never" (distillation only) ignores them.
+HANDOVER_ONLY_FIELDS = frozenset({"switch_aug_at", "momentum_after_switch"})
 DATA_MODES = ("auto", "memory", "stream")
 AUGMENT_ON = ("device", "workers")  # stream mode: where the views are made
 

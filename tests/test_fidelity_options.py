@@ -180,6 +180,19 @@ def test_a_run_without_a_prior_ignores_every_prior_only_field(tmp_path):
     assert all(torch.equal(default.end[k], changed_run.end[k]) for k in default.end)  # the same run, bit for bit
 
 
+def test_a_run_that_never_hands_over_ignores_every_handover_only_field(tmp_path):
+    from rela.config import HANDOVER_ONLY_FIELDS
+    changed_fields = dict(switch_aug_at="epoch", momentum_after_switch="restart")
+    assert set(changed_fields) == HANDOVER_ONLY_FIELDS
+    default = fit(tmp_path, "default", prior="random", switch="never")
+    changed_run = fit(tmp_path, "changed", prior="random", switch="never", **changed_fields)
+    assert default.momentum == changed_run.momentum and default.end.keys() == changed_run.end.keys()
+    assert all(torch.equal(default.end[k], changed_run.end[k]) for k in default.end)
+    # while a run that hands over does change (the same fields are not inert there)
+    handing_over = fit(tmp_path, "switching", prior="random", switch="adaptive:0", **changed_fields)
+    assert handing_over.momentum != fit(tmp_path, "switching-default", prior="random", switch="adaptive:0").momentum
+
+
 # --- --hidden-dim ---------------------------------------------------------------------------------
 
 def test_hidden_dim_sets_the_width_of_the_byol_heads_only():
