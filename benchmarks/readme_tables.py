@@ -24,10 +24,20 @@ from rela.io import load_json, save_text
 
 
 TABLE1 = "table1_e32"  # the grid the README reports (table1_e4: the earlier, unconverged grid)
-# the LR-schedule investigation on the holdout: the default recipe, then the same grid with --set
-RECIPES = ("table1_e32_val10000", "table1_e32_val10000_set-lr_scheduleconstant-warmup0.0")
-# every results file a block reads
-SOURCES = (f"{TABLE1}.json", "byol_convergence.json", "methods.json", "theory_gaussian.json", *(f"{n}.json" for n in RECIPES))
+# the investigations on the holdout: the default recipe, then the same grid with --set (LR schedule in full)
+HOLDOUT = f"{TABLE1}_val10000"
+RECIPES = (HOLDOUT, f"{HOLDOUT}_set-lr_scheduleconstant-warmup0.0")
+
+
+def knob_files(results: Path) -> list[Path]:
+    """Every --set grid on the holdout that has been committed (each an investigation of one knob)."""
+    return sorted(results.glob(f"{HOLDOUT}_set-*.json"))
+
+
+def sources(results: Path) -> list[str]:
+    """Every results file a block reads."""
+    return [f"{TABLE1}.json", "byol_convergence.json", "methods.json", "theory_gaussian.json",
+            *(f"{n}.json" for n in RECIPES), *(p.name for p in knob_files(results))]
 
 
 def table1_headline(results: Path, readme: Path) -> list[str]:
@@ -41,6 +51,12 @@ def table1_headline(results: Path, readme: Path) -> list[str]:
 def lr_schedule_comparison(results: Path, readme: Path) -> list[str]:
     base, other = (load_json(results / f"{name}.json") for name in RECIPES)
     return table1.recipe_comparison(base["runs"], other["runs"], table1.recipe_label(other["meta"]["overrides"]))
+
+
+def knob_investigations(results: Path, readme: Path) -> list[str]:
+    base = load_json(results / f"{HOLDOUT}.json")["runs"]
+    recipes = [(table1.recipe_label(d["meta"]["overrides"]), d["runs"]) for d in map(load_json, knob_files(results))]
+    return table1.knob_summary(base, recipes)
 
 
 def byol_convergence_table(results: Path, readme: Path) -> list[str]:
@@ -60,7 +76,8 @@ def theory_summary(results: Path, readme: Path) -> list[str]:
 
 
 BLOCKS = {"table1-headline": table1_headline, "byol-convergence": byol_convergence_table, "methods-table": methods_table,
-          "theory-gaussian-summary": theory_summary, "lr-schedule-holdout": lr_schedule_comparison}
+          "theory-gaussian-summary": theory_summary, "lr-schedule-holdout": lr_schedule_comparison,
+          "knob-investigations": knob_investigations}
 
 
 def replace_block(text: str, name: str, lines: list[str], readme: Path) -> str:

@@ -475,6 +475,45 @@ def _points(a: dict, b: dict) -> list[float]:
     return [100 * (a[m][0] - b[m][0]) for m, _ in METRICS]
 
 
+def _signed(points: list[float]) -> str:
+    return " / ".join(f"{d:+.1f}" for d in points)
+
+
+def recipe_margins(before: dict, after: dict, budgets: list[float]):
+    """(budget, row, ReLA - row under the default recipe, ... under the other) in points, per metric, for
+    each row of RECIPE_MARGINS that ran under both recipes (summaries of summarise(); BYOL-full has one budget)."""
+    def cells_of(row: str, b: float) -> tuple[dict, dict]:
+        return (before["full"], after["full"]) if row == "byol-full" else (before["table"][row][b], after["table"][row][b])
+
+    for b in budgets:
+        rela = cells_of("rela-random-same", b)
+        for row, _ in RECIPE_MARGINS:
+            other = cells_of(row, b)
+            if all(c["n"] for c in (*rela, *other)):
+                yield b, row, _points(rela[0], other[0]), _points(rela[1], other[1])
+
+
+def knob_summary(base_runs: list[dict], recipes: list[tuple[str, list[dict]]]) -> list[str]:
+    """One line per --set recipe and budget: ReLA (row 3) and its margins over distillation only and over
+    BYOL on a subset, default recipe -> that recipe (the investigations of the hand-over, on the holdout)."""
+    lines = ["k-NN(200) / linear top-1 (%) and margins (points), default recipe -> the recipe named.", "",
+             *table_head("recipe (--set)", "budget", "ReLA (row 3)", "ReLA - distillation only",
+                         "ReLA - BYOL on a subset")]
+    for label, runs in recipes:
+        budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base_runs))]
+        before, after = summarise(base_runs, budgets), summarise(runs, budgets)
+        margins = {(b, row): (m0, m1) for b, row, m0, m1 in recipe_margins(before, after, budgets)}
+        for b in budgets:
+            rela = before["table"]["rela-random-same"][b], after["table"]["rela-random-same"][b]
+            if not all(c["n"] for c in rela):
+                continue
+            shown_margins = [f"{_signed(margins[b, row][0])} -> {_signed(margins[b, row][1])}" if (b, row) in margins
+                             else "-" for row in ("distill-only", "byol-subset")]
+            lines.append(f"| {label} | {b:.0%} | {accuracy(rela[0]['runs'])} -> {accuracy(rela[1]['runs'])} | "
+                         + " | ".join(shown_margins) + " |")
+    return lines
+
+
 def recipe_comparison(base_runs: list[dict], runs: list[dict], label: str) -> list[str]:
     """A --set recipe against the default one: each cell that ran under both, then ReLA's margins.
 
@@ -492,21 +531,12 @@ def recipe_comparison(base_runs: list[dict], runs: list[dict], label: str) -> li
               + " / ".join(f"{d:+.1f}" for d in _points(y, x)) + " |" for name, x, y in cells if x["n"] and y["n"]]
     lines += ["", "ReLA (row 3) minus each row it is compared with, under each recipe (points, k-NN / linear):", "",
               *table_head("margin", "default recipe", label, "change")]
-    def cells_of(row: str, b: float) -> tuple[dict, dict]:  # under each recipe; BYOL-full has one budget
-        return (before["full"], after["full"]) if row == "byol-full" else (before["table"][row][b], after["table"][row][b])
-
     grew = total = 0
-    for b in budgets:
-        rela = cells_of("rela-random-same", b)
-        for row, name in RECIPE_MARGINS:
-            other = cells_of(row, b)
-            if not all(c["n"] for c in (*rela, *other)):
-                continue
-            m0, m1 = _points(rela[0], other[0]), _points(rela[1], other[1])
-            change = [y - x for x, y in zip(m0, m1)]
-            grew, total = grew + sum(d > 0 for d in change), total + len(change)
-            lines.append(f"| over {name}, {b:.0%} | " + " | ".join(" / ".join(f"{d:+.1f}" for d in m) for m in (m0, m1, change))
-                         + " |")
+    for b, row, m0, m1 in recipe_margins(before, after, budgets):
+        change = [y - x for x, y in zip(m0, m1)]
+        grew, total = grew + sum(d > 0 for d in change), total + len(change)
+        lines.append(f"| over {dict(RECIPE_MARGINS)[row]}, {b:.0%} | "
+                     + " | ".join(_signed(m) for m in (m0, m1, change)) + " |")
     if total:
         lines += ["", f"{grew} of {total} margins grew under {label}: "
                   + ("it helps ReLA more than the rows it is compared with." if grew == total else

@@ -97,7 +97,7 @@ def test_readme_tables_regenerates_only_the_marked_blocks(tmp_path):
     assert "99.9 stale" in stale and "| vicreg | 11.1 |" in stale
     results = tmp_path / "benchmarks" / "results"  # the checkout's layout, so the README's links match
     results.mkdir(parents=True)
-    for name in _benchmark("readme_tables").SOURCES:  # the results files the README's blocks come from
+    for name in _benchmark("readme_tables").sources(BENCHMARKS / "results"):  # what the README's blocks read
         shutil.copy(BENCHMARKS / "results" / name, results)
     readme = tmp_path / "README.md"
     readme.write_text(stale)
@@ -206,6 +206,12 @@ def test_a_recipe_is_compared_cell_by_cell_and_by_relas_margins_over_its_referen
     tuned[2] = run("byol-subset", 0.2, 0.79, 0.85)  # now every margin grows
     assert "6 of 6 margins grew under lr_schedule=constant: it helps ReLA more" in table1.recipe_comparison(
         base, tuned, "lr_schedule=constant")[-1]
+    # the README's summary of every knob: one line per recipe and budget both ran; a row missing is "-"
+    no_distill = [r for r in tuned if r["row"] != "distill-only"]
+    summary = table1.knob_summary(base, [("lr_schedule=constant", tuned), ("target_variance=0.9", no_distill)])
+    assert summary[-2:] == [
+        "| lr_schedule=constant | 20% | 81.0 / 87.0 -> 83.0 / 88.0 | +0.0 / +0.0 -> +1.5 / +0.5 | +2.0 / +2.0 -> +4.0 / +3.0 |",
+        "| target_variance=0.9 | 20% | 81.0 / 87.0 -> 83.0 / 88.0 | - | +2.0 / +2.0 -> +4.0 / +3.0 |"]
 
 
 @needs_fmnist
