@@ -360,6 +360,22 @@ def cost_ratio(summary: dict, cell: dict, kind: str) -> float | None:
     return None if math.isnan(mine) or math.isnan(full) or not full else mine / full
 
 
+HANDOVER_TARGET = 0.005  # issue 13: the switch should beat distillation only by >= 0.5 points on both metrics
+
+
+def paired_gains(runs: list[dict], others: list[dict]) -> list[tuple[float, float, list[float]]]:
+    """Per metric: (mean, std, the differences) of runs - others over the seeds both have; [] when none."""
+    mine, theirs = ({r["seed"]: r for r in rs} for rs in (runs, others))
+    seeds = sorted(mine.keys() & theirs.keys())
+    if not seeds:
+        return []
+    out = []
+    for metric, _ in METRICS:
+        d = [mine[s][metric] - theirs[s][metric] for s in seeds]
+        out.append((*mean_std(d), d))
+    return out
+
+
 def _seeds(n: int) -> str:
     return f"{n} seed" + ("s" if n != 1 else "")
 
@@ -400,10 +416,13 @@ def headline(summary: dict, budgets: list[float]) -> list[str]:
                          f"{b:.0%} of its steps, {_pct(cost_ratio(summary, c, 'flops'))} of its FLOPs).")
     for b in budgets:
         chosen, distill = summary["table"]["rela-random-same"][b], summary["table"]["distill-only"][b]
-        if chosen["n"] and distill["n"]:
-            gains = _points(chosen, distill)
-            lines.append(f"Hand-over at {b:.0%}: ReLA with the switch vs distillation only: k-NN {gains[0]:+.1f}, "
-                         f"linear {gains[1]:+.1f} points.")
+        if gains := paired_gains(chosen["runs"], distill["runs"]):
+            n = len(gains[0][2])
+            lines.append(f"Hand-over at {b:.0%}: ReLA with the switch minus distillation only, seed by seed "
+                         f"({_seeds(n)}): " + ", ".join(f"{label} {100 * m:+.1f}" + (f" ± {100 * s:.1f}" if n > 1 else "")
+                                                        for (_, label), (m, s, _) in zip(METRICS, gains)) + " points "
+                         + ("(>= " if all(m >= HANDOVER_TARGET for m, *_ in gains) else "(not >= ")
+                         + f"{100 * HANDOVER_TARGET:.1f} on both).")
     small = min(budgets)
     for row in ("rela-random-same", "byol-subset"):
         c = summary["table"][row][small]
