@@ -82,13 +82,14 @@ def preset_fields() -> dict:
     return PRESETS.create("authors")
 
 
-def row_fields(row: str) -> dict:
-    """The TrainConfig fields a row sets over the defaults (the prior is the defaults' random one)."""
+def row_fields(row: str, switch: str | None = None) -> dict:
+    """The TrainConfig fields a row sets over the defaults (the prior is the defaults' random one). A pass with
+    --switch runs every row with that switch, the authors' row included, so its fields say so."""
     preset = preset_fields()
     if row == "defaults":
         return {}
     if row == "authors":
-        return preset
+        return preset | ({"switch": switch} if switch else {})
     return {name: preset[name] for name in DEVIATIONS[row]}
 
 
@@ -124,7 +125,7 @@ def results_file(args, script: str, meta: dict, holdout: int | None = None) -> R
 def run_grid(args, results: ResultsFile) -> None:
     for seed in args.seeds:
         for row in args.rows:
-            fields = row_fields(row)
+            fields = row_fields(row, args.switch)
             cfg = cell_config(args, args.runs_dir / f"{row}-s{seed}{suffix(args, args.holdout)}", seed, ratio=args.ratio, holdout=args.holdout,
                               **fields)
             run_cell(results, {"row": row, "seed": seed}, cfg, RECORDED, f"[fidelity] {row} seed={seed}",
@@ -154,7 +155,7 @@ def report(args, results: ResultsFile) -> None:
         runs = [r for r in results.runs if r["row"] == row]
         if not runs:
             continue
-        fields = ", ".join(f"{k}={v}" for k, v in row_fields(row).items()) or "-"
+        fields = ", ".join(f"{k}={v}" for k, v in row_fields(row, args.switch).items()) or "-"
         switch = sorted({str(r["switch_step"]) for r in runs})
         lines.append(f"| {row} | {fields} | {len(runs)} | " + " | ".join(accuracy_cells(runs))
                      + f" | {delta(runs, base, 'knn_top1')} | {delta(runs, base, 'linear_top1')} | "

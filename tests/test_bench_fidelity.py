@@ -32,6 +32,9 @@ def test_fidelity_rows_cover_every_field_of_the_authors_preset_once():
     grouped = [k for fields in DEVIATIONS.values() for k in fields]
     assert sorted(grouped) == sorted(deviating)  # each deviation in exactly one row
     assert row_fields("frozen-head") == {"transfer_head": "frozen"} and row_fields("defaults") == {}
+    # a --switch pass runs the authors' row with that switch too (cell_config applies it last): its fields say so
+    assert row_fields("authors")["switch"] == "adaptive" and row_fields("authors", "constant:0.75")["switch"] == "constant:0.75"
+    assert row_fields("defaults", "constant:0.75") == {}  # the pass's switch is in its command, not a deviation
 
 
 @needs_fmnist
