@@ -119,7 +119,7 @@ def table_lines(results: ResultsFile, seeds=(0, 1, 2)) -> list[str]:
 
 def report(results: ResultsFile, args) -> int | None:
     lines = ["# Is BYOL-full full? Fashion-MNIST, BYOL on all 60k training images, test split", "",
-             f"Command: `{results.meta['command']}`", "",
+             results.commands_shown(), "",
              f"Rule: E = the smallest e whose doubling adds < {KNN_GAIN} k-NN(200) and < {LINEAR_GAIN} linear points "
              "(seed 0); then seeds 1-2 at E and 2E.", "", *table_lines(results, args.seeds)]
     write_report(lines, results.path.with_suffix(".md"))

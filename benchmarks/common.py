@@ -76,15 +76,26 @@ class ResultsFile:
         self.runs: list[dict] = data.get("runs", [])
         stored = data.get("meta", {})
         env = environment()
+        # every command that added runs, in order: a grid run in pieces (seeds, rows) needs all of them to rerun
+        made_by = stored.get("commands") or ([stored["command"]] if stored.get("command") and self.runs else [])
         self.meta = {**stored, **(meta or {}), "command": command or stored.get("command") or " ".join(sys.argv),
-                     "torch": env["torch"], "machine": env["machine"], "threads": env["threads"]}
+                     "commands": list(made_by), "torch": env["torch"], "machine": env["machine"],
+                     "threads": env["threads"]}
 
     def find(self, **key) -> dict | None:
         return next((r for r in self.runs if all(r.get(k) == v for k, v in key.items())), None)
 
     def add(self, run: dict) -> None:
         self.runs.append(run)
+        if self.meta["command"] not in self.meta["commands"]:
+            self.meta["commands"].append(self.meta["command"])
         self.save()
+
+    def commands_shown(self) -> str:
+        """The report's line on how to rerun the file: every command that added runs, in order."""
+        made_by = self.meta["commands"] or [self.meta["command"]]
+        return ("Command: " if len(made_by) == 1 else "Commands, in the order they added runs: ") + \
+            ", then ".join(f"`{c}`" for c in made_by)
 
     def save(self) -> None:
         save_json({"meta": self.meta, "runs": self.runs}, self.path)

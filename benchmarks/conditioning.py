@@ -83,7 +83,7 @@ def holdout_stage(args) -> tuple[float, str]:
                     run(args, results, variance, dtype, ratio, args.seeds[0], args.holdout)
     chosen = choose(results.runs, args.margin) if results.runs else DEFAULT
     write_report([f"# Target conditioning, VALIDATION on the last {args.holdout} training images (1 seed)", "",
-                  f"Command: `{results.meta['command']}`", "",
+                  results.commands_shown(), "",
                   *table(results.runs, args.ratios), "",
                   f"Chosen (best mean of (k-NN(200) + linear) / 2 over the budgets; the default stays unless beaten "
                   f"by > {args.margin} points): target_variance={chosen[0]}, bank_dtype={chosen[1]}"],
@@ -99,7 +99,7 @@ def final_stage(args, chosen: tuple[float, str]) -> None:
                 for variance, dtype in dict.fromkeys([chosen, DEFAULT]):
                     run(args, results, variance, dtype, ratio, seed, None)
     write_report([f"# Target conditioning on the test split: the holdout's choice (target_variance={chosen[0]}, "
-                  f"bank_dtype={chosen[1]}) and today's default", "", f"Command: `{results.meta['command']}`", "",
+                  f"bank_dtype={chosen[1]}) and today's default", "", results.commands_shown(), "",
                   *table(results.runs, args.ratios)], results.path.with_suffix(".md"))
 
 

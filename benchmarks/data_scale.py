@@ -244,7 +244,7 @@ def main(argv=None) -> None:
             results.add(measure(args, n, mode))
     runs = [r for r in results.runs if r["workers"] == args.workers]
     write_report([f"# Stream mode at scale ({args.workers} worker(s), {os.cpu_count()} cores)", "",
-                  f"Command: `{results.meta['command']}`", "", *scale_table(runs), "", *targets(runs), "",
+                  results.commands_shown(), "", *scale_table(runs), "", *targets(runs), "",
                   "## ImageNet-1K projection", "", *projection(runs)], args.results / "data_scale.md")
 
 

@@ -147,7 +147,7 @@ def report(args, results: ResultsFile) -> None:
     lines = [f"# Fidelity: rela's defaults vs the authors' code, option by option (Fashion-MNIST, convnet, "
              f"{args.ratio:.0%} x {args.epochs} epochs, batch {args.batch_size})"
              + (f", VALIDATION on the last {args.holdout} training images" if args.holdout else ""), "",
-             f"Command: `{results.meta['command']}`", "",
+             results.commands_shown(), "",
              "Top-1 % (mean ± std over seeds); Δ: the mean's difference from `defaults` in points.", "",
              *table_head("row", "fields over the defaults", "seeds", "k-NN(200)", "k-NN(20)", "linear",
                          "Δ k-NN(200)", "Δ linear", "steps", "switch step")]

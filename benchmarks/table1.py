@@ -296,7 +296,7 @@ def accuracy(rs: list[dict]) -> str:
 def write_sweep_report(grid: Grid) -> None:
     args, runs = grid.args, grid.results.runs
     lines = [f"# Switch of the ReLA rows, chosen on the last {args.holdout} training images (not the test split)", "",
-             f"Command: `{grid.results.meta['command']}`", "",
+             grid.results.commands_shown(), "",
              "Row 3 (ReLA, random-init prior), k-NN top-1 / linear top-1 (%) on the holdout split, "
              f"BYOL-full = {args.full_epochs} epochs of {grid.n_train} images.", "",
              *table_head("switch", *(f"{b:.0%} budget" for b in args.budgets))]
@@ -512,15 +512,25 @@ def recipe_margins(before: dict, after: dict, budgets: list[float]):
                 yield b, row, _points(rela[0], other[0]), _points(rela[1], other[1])
 
 
+def on_common_seeds(base_runs: list[dict], runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Both recipes' runs on the seeds both ran: the default recipe may have run more seeds than a knob, and a
+    mean over other seeds would mix seed-to-seed spread into the knob's effect."""
+    seeds = {r["seed"] for r in base_runs} & {r["seed"] for r in runs}
+    return [r for r in base_runs if r["seed"] in seeds], [r for r in runs if r["seed"] in seeds]
+
+
 def knob_summary(base_runs: list[dict], recipes: list[tuple[str, list[dict]]]) -> list[str]:
     """One line per --set recipe and budget: ReLA (row 3) and its margins over distillation only and over
-    BYOL on a subset, default recipe -> that recipe (the investigations of the hand-over, on the holdout)."""
-    lines = ["k-NN(200) / linear top-1 (%) and margins (points), default recipe -> the recipe named.", "",
-             *table_head("recipe (--set)", "budget", "ReLA (row 3)", "ReLA - distillation only",
+    BYOL on a subset, default recipe -> that recipe, on the seeds both ran (the investigations of the
+    hand-over, on the holdout)."""
+    lines = ["k-NN(200) / linear top-1 (%, mean ± std over the seeds both recipes ran) and margins (points), "
+             "default recipe -> the recipe named.", "",
+             *table_head("recipe (--set)", "budget", "seeds", "ReLA (row 3)", "ReLA - distillation only",
                          "ReLA - BYOL on a subset")]
-    for label, runs in recipes:
-        budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base_runs))]
-        before, after = summarise(base_runs, budgets), summarise(runs, budgets)
+    for label, recipe_runs in recipes:
+        base, runs = on_common_seeds(base_runs, recipe_runs)
+        budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base))]
+        before, after = summarise(base, budgets), summarise(runs, budgets)
         margins = {(b, row): (m0, m1) for b, row, m0, m1 in recipe_margins(before, after, budgets)}
         for b in budgets:
             rela = before["table"]["rela-random-same"][b], after["table"]["rela-random-same"][b]
@@ -528,8 +538,8 @@ def knob_summary(base_runs: list[dict], recipes: list[tuple[str, list[dict]]]) -
                 continue
             shown_margins = [f"{_signed(margins[b, row][0])} -> {_signed(margins[b, row][1])}" if (b, row) in margins
                              else "-" for row in ("distill-only", "byol-subset")]
-            lines.append(f"| {label} | {b:.0%} | {accuracy(rela[0]['runs'])} -> {accuracy(rela[1]['runs'])} | "
-                         + " | ".join(shown_margins) + " |")
+            lines.append(f"| {label} | {b:.0%} | {rela[1]['n']} | "
+                         f"{accuracy(rela[0]['runs'])} -> {accuracy(rela[1]['runs'])} | " + " | ".join(shown_margins) + " |")
     return lines
 
 
@@ -538,8 +548,9 @@ def recipe_comparison(base_runs: list[dict], runs: list[dict], label: str) -> li
 
     A knob that helps ReLA is only worth adopting if it helps ReLA more than the rows ReLA is measured
     against, so the verdict counts the margins (ReLA - BYOL-full, ReLA - BYOL on a subset, ReLA -
-    distillation only, per budget and metric) that grew under the new recipe.
+    distillation only, per budget and metric) that grew under the new recipe. Both on the seeds both ran.
     """
+    base_runs, runs = on_common_seeds(base_runs, runs)
     budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base_runs))]
     before, after = summarise(base_runs, budgets), summarise(runs, budgets)
     cells = [("BYOL-full (100%)", before["full"], after["full"]), ("0. No training (floor)", before["floor"], after["floor"])]
@@ -574,7 +585,7 @@ def write_table(grid: Grid) -> None:
     lines = [f"# Table 1 in miniature: Fashion-MNIST, {args.backbone}, BYOL-full = {args.full_epochs} epochs "
              f"({grid.full_steps} steps), batch {args.batch_size}, seeds {seeds}"
              + (f", VALIDATION on the last {args.holdout} training images" if args.holdout else ""), "",
-             f"Command: `{grid.results.meta['command']}`", "",
+             grid.results.commands_shown(), "",
              "k-NN(200) top-1 / linear top-1 (%, mean ± std over seeds; one number: one seed). "
              "**Bold**: within BYOL-full's mean - std on both metrics.", "",
              *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)), *table_rows(summary, args.budgets), "",

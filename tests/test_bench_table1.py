@@ -80,6 +80,25 @@ def test_table1_grid_runs_resumes_and_reports_without_touching_the_readme(tmp_pa
     assert json.loads((tmp_path / "res" / "table1_e1.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
+def test_a_results_file_keeps_every_command_that_added_runs(tmp_path):
+    """A grid run in pieces (seed 0, later seed 1) is rerun by all of its commands; a report-only pass adds none."""
+    common = _benchmark("common")
+    path = tmp_path / "grid.json"
+    first = common.ResultsFile(path, command="python benchmarks/table1.py --seeds 0")
+    first.add({"seed": 0})
+    assert common.ResultsFile(path, command="python benchmarks/table1.py --seeds 0").meta["commands"] == [
+        "python benchmarks/table1.py --seeds 0"]  # nothing added: nothing recorded twice
+    second = common.ResultsFile(path, command="python benchmarks/table1.py --seeds 1")
+    second.add({"seed": 1})
+    report = common.ResultsFile(path)  # --report-only passes command=None
+    assert report.meta["commands"] == ["python benchmarks/table1.py --seeds 0", "python benchmarks/table1.py --seeds 1"]
+    assert report.commands_shown() == ("Commands, in the order they added runs: `python benchmarks/table1.py --seeds 0`, "
+                                       "then `python benchmarks/table1.py --seeds 1`")
+    # a file written before the list existed: its one command made its runs
+    path.write_text(json.dumps({"meta": {"command": "python old.py"}, "runs": [{"seed": 0}]}))
+    assert common.ResultsFile(path).commands_shown() == "Command: `python old.py`"
+
+
 def test_switch_sweep_needs_a_holdout(tmp_path):
     done = _bench(tmp_path, "--sweep-switch", "never")
     assert done.returncode != 0 and "needs --holdout" in done.stderr
@@ -216,8 +235,16 @@ def test_a_recipe_is_compared_cell_by_cell_and_by_relas_margins_over_its_referen
     no_distill = [r for r in tuned if r["row"] != "distill-only"]
     summary = table1.knob_summary(base, [("lr_schedule=constant", tuned), ("target_variance=0.9", no_distill)])
     assert summary[-2:] == [
-        "| lr_schedule=constant | 20% | 81.0 / 87.0 -> 83.0 / 88.0 | +0.0 / +0.0 -> +1.5 / +0.5 | +2.0 / +2.0 -> +4.0 / +3.0 |",
-        "| target_variance=0.9 | 20% | 81.0 / 87.0 -> 83.0 / 88.0 | - | +2.0 / +2.0 -> +4.0 / +3.0 |"]
+        "| lr_schedule=constant | 20% | 1 | 81.0 / 87.0 -> 83.0 / 88.0 | +0.0 / +0.0 -> +1.5 / +0.5 | +2.0 / +2.0 -> +4.0 / +3.0 |",
+        "| target_variance=0.9 | 20% | 1 | 81.0 / 87.0 -> 83.0 / 88.0 | - | +2.0 / +2.0 -> +4.0 / +3.0 |"]
+    # a second seed of the default recipe alone changes neither comparison: each is made on the seeds both ran
+    seed1 = [{**r, "seed": 1, "knn_top1": r["knn_top1"] - 0.05} for r in base]
+    assert table1.knob_summary(base + seed1, [("lr_schedule=constant", tuned)]) == table1.knob_summary(
+        base, [("lr_schedule=constant", tuned)])
+    assert table1.recipe_comparison(base + seed1, tuned, "x") == table1.recipe_comparison(base, tuned, "x")
+    # with the second seed under both recipes, both seeds count
+    both = table1.knob_summary(base + seed1, [("lr_schedule=constant", tuned + [{**r, "seed": 1} for r in tuned])])
+    assert both[-1].startswith("| lr_schedule=constant | 20% | 2 | 78.5 ± 3.5 / 87.0 ± 0.0 -> 83.0 ± 0.0 / 88.0 ± 0.0 |")
 
 
 @needs_fmnist
