@@ -512,11 +512,14 @@ def recipe_margins(before: dict, after: dict, budgets: list[float]):
                 yield b, row, _points(rela[0], other[0]), _points(rela[1], other[1])
 
 
-def on_common_seeds(base_runs: list[dict], runs: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Both recipes' runs on the seeds both ran: the default recipe may have run more seeds than a knob, and a
-    mean over other seeds would mix seed-to-seed spread into the knob's effect."""
+def summarise_both(base_runs: list[dict], runs: list[dict]) -> tuple[dict, dict, list[float]]:
+    """The default recipe's and another recipe's summaries, on the budgets and the seeds both ran: the default
+    may have run more seeds than a knob, and a mean over other seeds would mix seed-to-seed spread into the
+    knob's effect."""
     seeds = {r["seed"] for r in base_runs} & {r["seed"] for r in runs}
-    return [r for r in base_runs if r["seed"] in seeds], [r for r in runs if r["seed"] in seeds]
+    base_runs, runs = [r for r in base_runs if r["seed"] in seeds], [r for r in runs if r["seed"] in seeds]
+    budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base_runs))]
+    return summarise(base_runs, budgets), summarise(runs, budgets), budgets
 
 
 def knob_summary(base_runs: list[dict], recipes: list[tuple[str, list[dict]]]) -> list[str]:
@@ -527,10 +530,8 @@ def knob_summary(base_runs: list[dict], recipes: list[tuple[str, list[dict]]]) -
              "default recipe -> the recipe named.", "",
              *table_head("recipe (--set)", "budget", "seeds", "ReLA (row 3)", "ReLA - distillation only",
                          "ReLA - BYOL on a subset")]
-    for label, recipe_runs in recipes:
-        base, runs = on_common_seeds(base_runs, recipe_runs)
-        budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base))]
-        before, after = summarise(base, budgets), summarise(runs, budgets)
+    for label, runs in recipes:
+        before, after, budgets = summarise_both(base_runs, runs)
         margins = {(b, row): (m0, m1) for b, row, m0, m1 in recipe_margins(before, after, budgets)}
         for b in budgets:
             rela = before["table"]["rela-random-same"][b], after["table"]["rela-random-same"][b]
@@ -550,9 +551,7 @@ def recipe_comparison(base_runs: list[dict], runs: list[dict], label: str) -> li
     against, so the verdict counts the margins (ReLA - BYOL-full, ReLA - BYOL on a subset, ReLA -
     distillation only, per budget and metric) that grew under the new recipe. Both on the seeds both ran.
     """
-    base_runs, runs = on_common_seeds(base_runs, runs)
-    budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base_runs))]
-    before, after = summarise(base_runs, budgets), summarise(runs, budgets)
+    before, after, budgets = summarise_both(base_runs, runs)
     cells = [("BYOL-full (100%)", before["full"], after["full"]), ("0. No training (floor)", before["floor"], after["floor"])]
     cells += [(f"{ROWS[row]}, {b:.0%}", before["table"][row][b], after["table"][row][b]) for b in budgets for row in ROWS]
     lines = ["k-NN(200) / linear top-1 (%); change in points.", "",
