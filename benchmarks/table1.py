@@ -579,7 +579,10 @@ def recipe_label(overrides: dict) -> str:
 
 def write_table(grid: Grid) -> None:
     args = grid.args
-    summary = summarise(grid.results.runs, args.budgets)
+    # every budget the file holds, not only this command's --budgets: a grid extended by a later command
+    # (one more budget, more seeds) is reported whole
+    budgets = budgets_of(grid.results.runs) or args.budgets
+    summary = summarise(grid.results.runs, budgets)
     seeds = sorted({r["seed"] for r in grid.results.runs})
     lines = [f"# Table 1 in miniature: Fashion-MNIST, {args.backbone}, BYOL-full = {args.full_epochs} epochs "
              f"({grid.full_steps} steps), batch {args.batch_size}, seeds {seeds}"
@@ -587,14 +590,14 @@ def write_table(grid: Grid) -> None:
              grid.results.commands_shown(), "",
              "k-NN(200) top-1 / linear top-1 (%, mean ± std over seeds; one number: one seed). "
              "**Bold**: within BYOL-full's mean - std on both metrics.", "",
-             *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)), *table_rows(summary, args.budgets), "",
+             *table_head("row", *(f"{b:.0%} budget" for b in budgets)), *table_rows(summary, budgets), "",
              "Headroom captured, (acc - floor) / (BYOL-full - floor), k-NN / linear; then cost relative to BYOL-full: "
              "FLOPs (forward + backward of every network, bank extraction included) / wall-clock seconds. "
              "Wall-clock is that of the machine and load each run met (a grid that runs in pieces meets several): "
              "compare FLOPs; each run's images/s is in the JSON.", "",
-             *table_head("row", *(f"{b:.0%} budget" for b in args.budgets)), *cost_rows(summary, args.budgets),
+             *table_head("row", *(f"{b:.0%} budget" for b in budgets)), *cost_rows(summary, budgets),
              *notes(grid, summary),
-             "", "## Headline (computed)", "", *[f"- {h}" for h in headline(summary, args.budgets)]]
+             "", "## Headline (computed)", "", *[f"- {h}" for h in headline(summary, budgets)]]
     if args.overrides and grid.base_results.is_file():
         lines += ["", f"## Against the default recipe ({grid.base_results.name})", "",
                   *recipe_comparison(load_json(grid.base_results)["runs"], grid.results.runs, recipe_label(args.overrides))]
@@ -628,7 +631,7 @@ def plot_cost(grid: Grid, summary: dict) -> None:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels on every minor tick overlap
         if unit:
-            ax.set_xticks([0.05, 0.1, 0.2, 0.5, 1.0], ["5%", "10%", "20%", "50%", "100%"])
+            ax.set_xticks([0.05, 0.1, 0.2, 0.3, 0.5, 1.0], ["5%", "10%", "20%", "30%", "50%", "100%"])
             ax.set_xlabel("cost relative to BYOL-full: FLOPs of training + bank extraction")
         else:
             ax.set_xlabel("cost: FLOPs of training + bank extraction")

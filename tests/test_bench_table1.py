@@ -78,6 +78,10 @@ def test_table1_grid_runs_resumes_and_reports_without_touching_the_readme(tmp_pa
     before = (tmp_path / "res" / "table1_e1.json").read_text()
     assert _bench(tmp_path).returncode == 0  # every cell is already in the JSON: nothing reruns
     assert json.loads((tmp_path / "res" / "table1_e1.json").read_text())["runs"] == json.loads(before)["runs"]
+    # the report covers every budget the file holds, whatever --budgets the last command named
+    assert _bench(tmp_path, "--report-only", "--budgets", "0.3").returncode == 0
+    md = (tmp_path / "res" / "table1_e1.md").read_text()
+    assert "| row | 50% budget |" in md and "30% budget" not in md
 
 
 def test_a_results_file_keeps_every_command_that_added_runs(tmp_path):
