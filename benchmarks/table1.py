@@ -40,7 +40,7 @@ import yaml
 
 from common import (RESULTS, ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown,
                     table_head, train_and_evaluate, write_report)
-from rela.config import HANDOVER_ONLY_FIELDS, PRIOR_ONLY_FIELDS, TrainConfig
+from rela.config import FULL_DATA_IGNORED_FIELDS, HANDOVER_ONLY_FIELDS, PRIOR_ONLY_FIELDS, TrainConfig
 from rela.errors import RelaError
 from rela.io import load_json
 from rela.plotting import pyplot
@@ -61,7 +61,8 @@ FREE_PRIOR_ROWS = ("rela-random-same", "rela-random-adaptive", "rela-random-othe
 ONE_SEED_ROWS = ("byol-fewer-steps", "rela-random-other", "rela-digits", "rela-fmnist-byol")
 FLOOR = "untrained"  # row 0: the learner as initialised, evaluated like every other row
 RECORDED = ("knn_top1", "knn20_top1", "linear_top1", "wall_seconds", "train_seconds", "bank_seconds", "steps",
-            "images_seen", "switch_step", "rela_steps", "epochs", "ratio", "train_flops", "bank_flops")
+            "images_seen", "switch_step", "rela_steps", "epochs", "ratio", "train_flops", "bank_flops", "subset",
+            "selection_flops")
 METRICS = (("knn_top1", "k-NN"), ("linear_top1", "linear"))
 
 
@@ -127,7 +128,9 @@ def overrides_suffix(overrides: dict) -> str:
 
 
 def _costs(record: dict) -> dict:
-    flops = None if record.get("train_flops") is None else record["train_flops"] + (record.get("bank_flops") or 0.0)
+    # a subset rule's own work (k-means of the targets) is part of the cost
+    flops = None if record.get("train_flops") is None else \
+        record["train_flops"] + (record.get("bank_flops") or 0.0) + (record.get("selection_flops") or 0.0)
     return {"cost_seconds": record["train_seconds"] + (record.get("bank_seconds") or 0.0), "cost_flops": flops,
             "images_per_second": record["images_seen"] / record["train_seconds"] if record["train_seconds"] else None}
 
@@ -166,6 +169,8 @@ class Grid:
         reads changes; distillation only, when only what the hand-over reads changes) is the default
         recipe's run: its result is taken from that grid's file instead of training it again."""
         ignored = PRIOR_ONLY_FIELDS if cfg.prior == "none" else HANDOVER_ONLY_FIELDS if cfg.switch == "never" else set()
+        if cfg.ratio == 1 or cfg.max_steps == 0:  # on all the data every subset rule is the uniform draw
+            ignored = ignored | FULL_DATA_IGNORED_FIELDS
         if not self.args.overrides or not set(self.args.overrides) <= ignored:
             return None
         found = ResultsFile(self.base_results).find(**key) if self.base_results.is_file() else None

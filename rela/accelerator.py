@@ -40,6 +40,12 @@ def rela_loss(pred_1: torch.Tensor, pred_2: torch.Tensor, target: torch.Tensor) 
                   + (1 - F.cosine_similarity(pred_2, target, dim=1)).mean())
 
 
+def rela_loss_per_sample(pred_1: torch.Tensor, pred_2: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The ReLA loss of each image (its mean is :func:`rela_loss`): what the subset rule ``loss`` records."""
+    target = target.detach().to(pred_1.dtype)
+    return 0.5 * ((1 - F.cosine_similarity(pred_1, target, dim=1)) + (1 - F.cosine_similarity(pred_2, target, dim=1)))
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where a run stands: optimizer step ``step`` (0-based) of ``total_steps``, in epoch ``epoch`` of ``epochs``."""
@@ -322,11 +328,13 @@ class ReLAAccelerator(nn.Module):
         return rela_loss(self.transfer(features_1), self.transfer(features_2), self.targets[index])
 
     def step_loss(self, backbone: nn.Module, view, index: torch.Tensor,
-                  normalize: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+                  normalize: nn.Module, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The ReLA part of a training step: two cheap views (``view(0)``, ``view(1)``: made on the device
         from the batch in memory mode, by the loader's workers in stream mode) through the learner,
-        regressed onto the targets of ``index`` (no momentum forward). Returns the loss and the first
-        view's features."""
+        regressed onto the targets of ``index`` (no momentum forward). Returns the loss (each image's
+        with ``per_sample``) and the first view's features."""
         f1 = backbone(normalize(view(0))).flatten(1)
         f2 = backbone(normalize(view(1))).flatten(1)
+        if per_sample:
+            return rela_loss_per_sample(self.transfer(f1), self.transfer(f2), self.targets[index]), f1
         return self.loss(f1, f2, index), f1

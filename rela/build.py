@@ -25,6 +25,7 @@ from rela.data import ImageDataset, load_dataset, rela_view
 from rela.data.datasets import DEFAULT_IMAGE_SIZE
 from rela.data.files import open_files
 from rela.data.stream import StreamSet
+from rela.data.subset import SubsetRule, build_subset, cached_prototypes
 from rela.flops import prior_flops_per_image
 from rela.methods import Method, build_method
 from rela.priors import Prior, build_prior
@@ -114,6 +115,7 @@ class Prepared:
     bank_info: dict
     device: str
     data_mode: str = "memory"
+    subset: SubsetRule | None = None  # which images each epoch trains on (None: the uniform draw)
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -144,7 +146,16 @@ def prepare(cfg: TrainConfig) -> Prepared:
         rela = ReLAAccelerator(feature_dim, targets.values, build_switch(cfg.switch),
                                view=rela_view(cfg.rela_augment, method.views),
                                train_transfer=cfg.transfer_head == "trained")
-    return Prepared(train_set, test_set, method, rela, feature_dim, info, device, mode)
+    # 4. the subset rule (prototype rules cluster the targets once, cached beside the bank)
+    subset = build_subset(cfg.subset)
+    info["selection_flops"] = 0.0
+    if subset.needs_prototypes:
+        if rela is None:
+            raise RelaError(f"subset {cfg.subset!r} clusters the prior's targets: it needs --prior (e.g. random)")
+        subset.prototypes = cached_prototypes(rela.targets.to(device), subset.k, cfg.seed, cfg.cache_dir,
+                                              info["bank_key"])
+        info["selection_flops"] = subset.prototypes.flops
+    return Prepared(train_set, test_set, method, rela, feature_dim, info, device, mode, subset)
 
 
 def workers(cfg: TrainConfig) -> int:

@@ -14,7 +14,7 @@ import sys
 from rela.config import MOMENTUM_AFTER_SWITCH, RELA_AUGMENTS, SWITCH_AUG_AT, TRANSFER_HEADS, TrainConfig, read_yaml
 from rela.errors import RelaError
 from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LOGGERS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES,
-                           PRESETS, PRIORS, SWITCHES, Registry)
+                           PRESETS, PRIORS, SUBSETS, SWITCHES, Registry)
 
 # CLI flag -> (type, help); a registry as help lists its names. Flags left out keep the config
 # file's or the default value.
@@ -50,6 +50,7 @@ TRAIN_FLAGS = {
     "--momentum-after-switch": (str, f"{' | '.join(MOMENTUM_AFTER_SWITCH)}: the momentum networks' schedule runs "
                                      "on across the hand-over, or starts again where the method's loss does"),
     "--ratio": (float, "fraction of the data drawn afresh every epoch, in (0, 1]"),
+    "--subset": (str, SUBSETS),
     "--epochs": (int, "number of epochs (each over ratio * N images)"),
     "--max-steps": (int, "stop after this many optimizer steps (LR schedule spans them); 0: no training, the learner as initialised"),
     "--batch-size": (int, "images per optimizer step"),

@@ -16,7 +16,7 @@ import yaml
 
 from rela.errors import RelaError, unknown
 from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LOGGERS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES,
-                           PRESETS, PRIORS, SWITCHES)
+                           PRESETS, PRIORS, SUBSETS, SWITCHES)
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed")
@@ -30,6 +30,8 @@ PRIOR_ONLY_FIELDS = frozenset({"prior_weights", "prior_seed", "switch", "bank", 
                                "transfer_head", "switch_aug_at", "rela_augment", "momentum_after_switch"})
 # Fields that only the hand-over reads: a run whose switch is "never" (distillation only) ignores them.
 HANDOVER_ONLY_FIELDS = frozenset({"switch_aug_at", "momentum_after_switch"})
+# Fields that a run over all the data (ratio 1) ignores: every subset rule is then the uniform draw.
+FULL_DATA_IGNORED_FIELDS = frozenset({"subset"})
 DATA_MODES = ("auto", "memory", "stream")
 AUGMENT_ON = ("device", "workers")  # stream mode: where the views are made
 
@@ -90,6 +92,7 @@ class TrainConfig:
     momentum_after_switch: str = "continue"  # restart: the momentum schedule starts again where the method's loss does
     # budget and optimisation
     ratio: float = 1.0
+    subset: str = "random"  # which ratio * N images each epoch trains on (rela.data.subset; random: the paper's)
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps (a budget that is not whole epochs);
     # 0: no training at all, the learner as initialised (the no-training floor of a benchmark)
@@ -139,7 +142,8 @@ class TrainConfig:
         if not isinstance(self.target_variance, (int, float)) or not 0 < self.target_variance <= 1:
             raise RelaError(f"target_variance must be in (0, 1], got {self.target_variance!r}")
         for registry, value in ((DATASETS, self.dataset), (BACKBONES, self.backbone), (METHODS, self.method),
-                                (PRIORS, self.prior), (SWITCHES, self.switch), (BANK_DTYPES, self.bank_dtype),
+                                (PRIORS, self.prior), (SWITCHES, self.switch), (SUBSETS, self.subset),
+                                (BANK_DTYPES, self.bank_dtype),
                                 (LR_SCHEDULES, self.lr_schedule), (MOMENTUM_SCHEDULES, self.momentum_schedule),
                                 (LOGGERS, self.logger)):
             registry.check(value)

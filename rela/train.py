@@ -32,6 +32,7 @@ from rela.callbacks import KNNMonitor, StepMetrics
 from rela.config import TrainConfig
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
 from rela.data.stream import StreamBatches, StreamSet, in_memory
+from rela.data.subset import LossRecord, RandomRule, SubsetRule
 from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.flops import run_flops, step_flops_per_image
@@ -71,9 +72,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class ReLAModule(L.LightningModule):
     """A base method, optionally accelerated by ReLA, plus the online linear monitor."""
 
-    def __init__(self, cfg: TrainConfig, method: Method, rela: ReLAAccelerator | None, dataset: ImageDataset):
+    def __init__(self, cfg: TrainConfig, method: Method, rela: ReLAAccelerator | None, dataset: ImageDataset,
+                 subset: SubsetRule | None = None):
         super().__init__()
         self.cfg, self.method, self.rela = cfg, method, rela
+        self.subset = subset or RandomRule()
+        # the subset rule "loss" draws from every image's last loss, recorded on the device at each step
+        self.loss_record = LossRecord(len(dataset)) if self.subset.needs_losses else None
+        if self.loss_record is not None:
+            self.subset.losses = self.loss_record
+        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (the sampler's, on the device)
         # Labels train this classifier for monitoring only: its input is detached.
         self.monitor = nn.Linear(method.feature_dim, dataset.num_classes)
         self.normalize = Normalize(dataset.mean, dataset.std, dataset.channels)
@@ -107,7 +115,8 @@ class ReLAModule(L.LightningModule):
     # --- data -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         sampler = DynamicSubsetSampler(self.num_samples, self.cfg.ratio, self.cfg.seed,
-                                       rank=self.global_rank, world_size=self.trainer.world_size)
+                                       rank=self.global_rank, world_size=self.trainer.world_size,
+                                       rule=self.subset, epochs=self.cfg.epochs)
         if self._sampler_state is not None:  # resuming: skip what the checkpointed run already trained on
             sampler.load_state_dict(self._sampler_state)
         self._sampler, self._sampler_state = sampler, None
@@ -165,14 +174,23 @@ class ReLAModule(L.LightningModule):
             logs["momentum"] = momentum
         if self.rela is not None:
             logs["rela_loss"] = math.nan
+        weights, per_sample = self.batch_weights(index), self.loss_record is not None
         if lam > 0:  # ReLA phase: two cheap views regressed onto the prior's targets
-            rela_loss, features = self.rela.step_loss(self.method.backbone, rela_view, index, self.normalize)
+            rela_loss, features = self.rela.step_loss(self.method.backbone, rela_view, index, self.normalize,
+                                                      per_sample=per_sample or weights is not None)
+            if rela_loss.dim():  # each image's: recorded for the subset rule, weighted by it
+                self.record_losses(index, rela_loss, phase=0)
+                rela_loss = _weighted_mean(rela_loss, weights)
             loss = lam * rela_loss
             logs["rela_loss"] = rela_loss.detach()
         if lam < 1:  # the method's loss, on its own views (or ReLA's until the epoch ends: --switch-aug-at epoch)
             out = self.method.step_loss(method_views(), y, self.normalize)
-            loss, features = loss + (1 - lam) * out.loss, out.features
-            logs["method_loss"] = out.loss.detach()
+            method_loss = out.loss
+            if out.per_sample is not None and (per_sample or weights is not None):
+                self.record_losses(index, out.per_sample, phase=1)
+                method_loss = _weighted_mean(out.per_sample, weights)
+            loss, features = loss + (1 - lam) * method_loss, out.features
+            logs["method_loss"] = method_loss.detach()
         logits = self.monitor(features.detach().float())
         monitor_loss = F.cross_entropy(logits, y)
         logs["monitor_acc"] = (logits.argmax(1) == y).float().mean()
@@ -188,6 +206,24 @@ class ReLAModule(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self._batch_images, self._batch_lam = len(index), lam
         return loss + monitor_loss
+
+    def batch_weights(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The loss weights of a batch's images under this epoch's subset draw (None: all 1, the random rule)."""
+        weights = None if self._sampler is None else self._sampler.weights
+        if weights is None:
+            return None
+        if self._weights is None or self._weights[0] is not weights:  # once per epoch, not per step
+            self._weights = (weights, weights.to(self.device, non_blocking=True))
+        return self._weights[1][index.to(self.device)]
+
+    def record_losses(self, index: torch.Tensor, losses: torch.Tensor, phase: int) -> None:
+        """Keep each image's last loss for the subset rule ``loss``; every rank keeps the whole batch's, so all
+        ranks hold the same record and draw the same subsets."""
+        if self.loss_record is None:
+            return
+        if self.trainer.world_size > 1:
+            index, losses = self.all_gather(index).flatten(), self.all_gather(losses.detach()).flatten()
+        self.loss_record.record(index.to(self.device), losses, phase)
 
     def momentum_clock(self, progress: Progress, lam: float) -> tuple[int, int]:
         """(step, of steps) the momentum schedule follows: the run's, or with ``momentum_after_switch:
@@ -269,6 +305,10 @@ class ReLAModule(L.LightningModule):
         if self.rela is None or not bool(self.rela.switch.switched):
             return None
         return int(self.rela.switch.switch_step)
+
+
+def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return losses.mean() if weights is None else (losses * weights.to(losses.dtype)).mean()
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -358,7 +398,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     wall_start = time.perf_counter()
     _start_ranks(cfg)  # the process group exists before the bank, so ranks share its extraction
     run = prepare(cfg)  # 1-3. data, learner + method, prior -> bank -> targets -> accelerator
-    module, train_set = ReLAModule(cfg, run.method, run.rela, run.train_set), run.train_set
+    module, train_set = ReLAModule(cfg, run.method, run.rela, run.train_set, run.subset), run.train_set
     release_freed_memory()  # what preparing (the bank, the targets) freed, before workers fork from this process
     last = out / "checkpoints" / "last.ckpt"
     resuming = cfg.resume and last.is_file()
@@ -407,7 +447,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     previous = load_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
     metrics = {
         "dataset": cfg.dataset, "method": cfg.method, "prior": cfg.prior, "backbone": cfg.backbone,
-        "ratio": cfg.ratio, "epochs": cfg.epochs, "seed": cfg.seed, "feature_dim": run.feature_dim,
+        "ratio": cfg.ratio, "subset": cfg.subset, "epochs": cfg.epochs, "seed": cfg.seed, "feature_dim": run.feature_dim,
         **module.budget, "switch_step": switch_step,
         "rela_steps": (switch_step if switch_step is not None else module.budget["steps"]) if module.rela else 0,
         "wall_seconds": module.wall_seconds(), "history": module.history, "target_variance": cfg.target_variance,

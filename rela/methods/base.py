@@ -31,6 +31,15 @@ from rela.schedules import momentum_schedule
 class MethodOutput(NamedTuple):
     loss: torch.Tensor
     features: torch.Tensor  # backbone features of the first view, for the online monitor
+    # the loss of each image (its mean is ``loss``), for methods whose loss is a per-sample mean: what
+    # the subset rule ``loss`` records and reweights; None for losses over the whole batch (SimCLR, ...)
+    per_sample: torch.Tensor | None = None
+
+
+def negative_cosine_per_sample(p0: torch.Tensor, t1: torch.Tensor, p1: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
+    """Each image's symmetric negative cosine loss (BYOL, SimSiam): the terms lightly's mean averages."""
+    return -0.5 * (torch.nn.functional.cosine_similarity(p0, t1, dim=1)
+                   + torch.nn.functional.cosine_similarity(p1, t0, dim=1))
 
 
 class Method(nn.Module):

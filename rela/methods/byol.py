@@ -7,7 +7,7 @@ from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 
 from rela.data.augment import BYOL_VIEW_1, BYOL_VIEW_2
-from rela.methods.base import Method, MethodOutput
+from rela.methods.base import Method, MethodOutput, negative_cosine_per_sample
 from rela.registry import METHODS
 
 
@@ -32,5 +32,6 @@ class BYOL(Method):
         h0, h1 = self.embed(x0), self.embed(x1)
         p0 = self.prediction_head(self.projection_head(h0))
         p1 = self.prediction_head(self.projection_head(h1))
-        loss = 0.5 * (self.criterion(p0, self._target(x1)) + self.criterion(p1, self._target(x0)))
-        return MethodOutput(loss, h0)
+        t1, t0 = self._target(x1), self._target(x0)
+        loss = 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))
+        return MethodOutput(loss, h0, per_sample=negative_cosine_per_sample(p0, t1, p1, t0))

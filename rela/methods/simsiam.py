@@ -4,7 +4,7 @@ from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
 
 from rela.data.augment import SIMSIAM_VIEW
-from rela.methods.base import Method, MethodOutput
+from rela.methods.base import Method, MethodOutput, negative_cosine_per_sample
 from rela.registry import METHODS
 
 
@@ -23,4 +23,4 @@ class SimSiam(Method):
         z0, z1 = self.projection_head(h0), self.projection_head(h1)
         p0, p1 = self.prediction_head(z0), self.prediction_head(z1)
         loss = 0.5 * (self.criterion(p0, z1.detach()) + self.criterion(p1, z0.detach()))
-        return MethodOutput(loss, h0)
+        return MethodOutput(loss, h0, per_sample=negative_cosine_per_sample(p0, z1.detach(), p1, z0.detach()))

@@ -21,4 +21,5 @@ class Supervised(Method):
 
     def forward(self, views, labels) -> MethodOutput:
         h = self.embed(views[0])
-        return MethodOutput(F.cross_entropy(self.classifier(h), labels, label_smoothing=self.label_smoothing), h)
+        each = F.cross_entropy(self.classifier(h), labels, label_smoothing=self.label_smoothing, reduction="none")
+        return MethodOutput(each.mean(), h, per_sample=each)
