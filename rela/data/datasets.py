@@ -181,6 +181,32 @@ def _fashion_mnist(split: str, root=None, **_) -> ImageDataset:
     return ImageDataset("fashion-mnist", split, images, labels, 10, (0.2860,), (0.3530,))
 
 
+def mnist_root(root: str | os.PathLike | None = None) -> Path:
+    """--data-root, else $RELA_DATA, else ./data: the folder (or its ``mnist/``) holding MNIST's IDX files."""
+    bases = [Path(b) for b in (root, os.environ.get("RELA_DATA"), "data") if b]
+    for base in bases:
+        for d in (base, base / "mnist"):
+            if (d / _FMNIST_FILES["train"][0]).is_file():
+                return d
+    raise RelaError(f"MNIST files ({_FMNIST_FILES['train'][0]} ...) not found in "
+                    f"{', '.join(str(b) for b in bases)}; run python scripts/install_mnist.py or pass --data-root DIR")
+
+
+@DATASETS.register("mnist", help="MNIST's 60k training digits (IDX .gz, from scripts/install_mnist.py); train "
+                                 "split only: another dataset to train a free prior on")
+def _mnist(split: str, root=None, **_) -> ImageDataset:
+    d = mnist_root(root)
+    img_file, lbl_file = (d / f for f in _FMNIST_FILES[split])
+    if not img_file.is_file():
+        raise RelaError(f"MNIST {split} split missing: {img_file} (the installed source has the training set only; "
+                        "train a prior on it with --probe-every 0)")
+    images = torch.from_numpy(read_idx(img_file).copy()).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(lbl_file).astype(np.int64))
+    if len(images) != len(labels):
+        raise RelaError(f"{img_file} and {lbl_file} disagree on the number of images")
+    return ImageDataset("mnist", split, images, labels, 10, (0.1307,), (0.3081,))
+
+
 # --- CIFAR (torchvision) --------------------------------------------------------------
 
 @DATASETS.register("cifar10", help="torchvision; --download to fetch")
