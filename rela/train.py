@@ -37,7 +37,8 @@ from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.flops import run_flops, step_flops_per_image
 from rela.hardware import keep_freed_memory, release_freed_memory
-from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
+from rela.io import (atomic_write, check_writable, load_json, load_torch, remove_stale_temp_files, save_json,
+                     save_torch, save_yaml)
 from rela.loggers import build_logger, close_logger
 from rela.methods import Method
 from rela.priors import BACKBONE_FILE_FORMAT
@@ -67,6 +68,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 time.sleep(delay)
 
         atomic_write(path, write)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Always ``weights_only``: what rela writes is tensors and plain values (:func:`rela.io.load_torch`),
+        and a ``last.ckpt`` from someone else's run folder must not run code on ``--resume``."""
+        checkpoint = load_torch(path, "checkpoint")
+        if not isinstance(checkpoint, dict):
+            raise RelaError(f"cannot resume from {path}: not a checkpoint of 'rela train'")
+        return checkpoint
 
 
 class ReLAModule(L.LightningModule):
@@ -482,10 +491,11 @@ def _share(wait: float, busy: float) -> float | None:
 def _check_checkpoint_fits(path: Path, module: ReLAModule) -> None:
     """Refuse, before training, a checkpoint of another model (another --backbone, --method or --prior)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, ...
-        raise RelaError(f"cannot resume from {path}: unreadable checkpoint ({type(e).__name__}); "
-                        "delete it to start over") from None
+        saved = load_torch(path, "checkpoint")["state_dict"]
+    except RelaError as e:  # a planted payload, truncated, not a torch file: nothing of it ran
+        raise RelaError(f"cannot resume: {e}; delete it to start over") from None
+    except (TypeError, KeyError):
+        raise RelaError(f"cannot resume from {path}: not a checkpoint of 'rela train'; delete it to start over") from None
     expected = module.state_dict()
     problems = [f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} here"
                 for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
