@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rela.build import choose_data_mode, load_data
+from rela.build import choose_data_mode, held_out_slice, load_data, require_labels
+from rela.data.files import has_test_split
 from rela.config import TrainConfig
 from rela.data import Normalize
 from rela.data.augment import to_float
@@ -112,8 +113,17 @@ def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data
     cfg.data_root, cfg.download = data_root or cfg.data_root, False
     metrics = load_json(metrics_file) if metrics_file.is_file() else {}
     # the data mode training used: a set too large for memory is evaluated from its files too
+    require_labels(cfg, "rela eval (its k-NN and linear probes score class labels)")
     mode = metrics.get("data_mode") or choose_data_mode(cfg)[0]
-    train, test = load_data(cfg, "train", mode), load_data(cfg, "test", mode)
+    train = load_data(cfg, "train", mode)
+    if cfg.holdout is None and has_test_split(cfg.dataset) is False:
+        # no test split: score a held-out slice, left out of the k-NN memory and the linear probe's training
+        train, test, every = held_out_slice(train)
+        test.split = f"train, 1 in {every} held out"
+        print(f"eval: {cfg.dataset.partition(':')[2]} has no test/ or val/ split: scoring 1 in {every} training "
+              f"images ({len(test)}), held out from the k-NN memory and the linear probe's training")
+    else:
+        test = load_data(cfg, "test", mode)
     normalize = Normalize(blob["mean"], blob["std"], blob["channels"])
     workers = default_workers() if cfg.num_workers is None else cfg.num_workers
     ftr, ytr = split_features(backbone, train, normalize, device=device, workers=workers,

@@ -91,8 +91,8 @@ class ReLAModule(L.LightningModule):
         if self.loss_record is not None:
             self.subset.losses = self.loss_record
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (the sampler's, on the device)
-        # Labels train this classifier for monitoring only: its input is detached.
-        self.monitor = nn.Linear(method.feature_dim, dataset.num_classes)
+        # Labels train this classifier for monitoring only: its input is detached. Unlabelled data: no monitor.
+        self.monitor = nn.Linear(method.feature_dim, dataset.num_classes) if dataset.num_classes else None
         self.normalize = Normalize(dataset.mean, dataset.std, dataset.channels)
         self.num_samples, self.stream = len(dataset), None
         if isinstance(dataset, StreamSet):  # stream mode: workers decode (and augment: --augment-on workers)
@@ -200,9 +200,7 @@ class ReLAModule(L.LightningModule):
                 method_loss = _weighted_mean(out.per_sample, weights)
             loss, features = loss + (1 - lam) * method_loss, out.features
             logs["method_loss"] = method_loss.detach()
-        logits = self.monitor(features.detach().float())
-        monitor_loss = F.cross_entropy(logits, y)
-        logs["monitor_acc"] = (logits.argmax(1) == y).float().mean()
+        monitor_loss = self.monitor_loss(features, y, logs)
         if not torch.isfinite(loss):
             raise RelaError(f"the training loss became {loss.item()} at step {step}; "
                             "lower --lr (the last good checkpoint is kept)")
@@ -215,6 +213,14 @@ class ReLAModule(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self._batch_images, self._batch_lam = len(index), lam
         return loss + monitor_loss
+
+    def monitor_loss(self, features: torch.Tensor, y: torch.Tensor, logs: dict) -> torch.Tensor | float:
+        """The online linear monitor's loss on detached features (its accuracy into ``logs``); 0 without labels."""
+        if self.monitor is None:
+            return 0.0
+        logits = self.monitor(features.detach().float())
+        logs["monitor_acc"] = (logits.argmax(1) == y).float().mean()
+        return F.cross_entropy(logits, y)
 
     def batch_weights(self, index: torch.Tensor) -> torch.Tensor | None:
         """The loss weights of a batch's images under this epoch's subset draw (None: all 1, the random rule)."""
@@ -427,7 +433,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     callbacks += [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
                                   enable_version_counter=False, **when) for when in every]
     if run.test_set is not None:
-        callbacks.insert(0, KNNMonitor(train_set, run.test_set, cfg.probe_every))
+        callbacks.insert(0, KNNMonitor(run.probe_memory, run.test_set, cfg.probe_every))
     with _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, **_trainer_layout(cfg), precision=_precision(cfg),

@@ -41,6 +41,8 @@ class ImageDataset:
     std: tuple[float, ...]
     _fingerprint: str | None = field(default=None, repr=False)
     skipped: tuple[str, ...] = ()  # files left out because they did not decode (--skip-bad-images)
+    # why the set has no labels (num_classes 0, every label -1), e.g. "images directly in the folder"; None: labelled
+    unlabelled: str | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -76,7 +78,14 @@ class ImageDataset:
         return ImageDataset(
             self.name, self.split, self.images[:limit].clone(), self.labels[:limit].clone(),
             self.num_classes, self.mean, self.std, self.derived_key(f"first {limit}"), skipped=self.skipped,
+            unlabelled=self.unlabelled,
         )
+
+    def take(self, rows: torch.Tensor, part: str) -> "ImageDataset":
+        """The images at ``rows`` (an index tensor); ``part`` names the selection in the bank key."""
+        return ImageDataset(self.name, self.split, self.images[rows], self.labels[rows], self.num_classes,
+                            self.mean, self.std, self.derived_key(part), skipped=self.skipped,
+                            unlabelled=self.unlabelled)
 
     def derived_key(self, part: str) -> str | None:
         """A part's fingerprint from a key set without hashing pixels (files' identity), else None (hash later)."""
@@ -95,6 +104,7 @@ def load_dataset(
     holdout: int | None = None,
     skip_bad_images: bool = False,
     verify_data: bool = False,
+    labels: str = "auto",
 ) -> ImageDataset:
     """Load ``split`` ("train" or "test") of the dataset called ``name``.
 
@@ -102,22 +112,25 @@ def load_dataset(
     rest the training split: a validation set for choosing settings without
     touching the real test split. ``skip_bad_images`` leaves out image-folder
     files that do not decode (listed in ``skipped``) instead of failing on the first;
-    ``verify_data`` keys file datasets by their content, not their names, sizes and mtimes.
+    ``verify_data`` keys file datasets by their content, not their names, sizes and mtimes;
+    ``labels`` (auto, folders, none) says how an image folder's labels are read
+    (:func:`rela.data.files.unlabelled_reason`).
     """
     if split not in ("train", "test"):
         raise RelaError(f"unknown split {split!r}; valid choices: train, test")
     if holdout:
         full = load_dataset(name, "train", root, download, None, image_size, skip_bad_images=skip_bad_images,
-                            verify_data=verify_data)
+                            verify_data=verify_data, labels=labels)
         if not 0 < holdout < len(full):
             raise RelaError(f"holdout must be between 1 and {len(full) - 1} for {name}, got {holdout}")
         keep = slice(None, len(full) - holdout) if split == "train" else slice(len(full) - holdout, None)
         part = ImageDataset(full.name, f"{split}-holdout{holdout}", full.images[keep].clone(),
                             full.labels[keep].clone(), full.num_classes, full.mean, full.std,
-                            full.derived_key(f"{split}-holdout{holdout}"), skipped=full.skipped)
+                            full.derived_key(f"{split}-holdout{holdout}"), skipped=full.skipped,
+                            unlabelled=full.unlabelled)
         return part.subset(limit)
     ds = DATASETS.create(name, split, root=root, download=download, image_size=image_size,
-                         skip_bad_images=skip_bad_images, verify_data=verify_data)
+                         skip_bad_images=skip_bad_images, verify_data=verify_data, labels=labels)
     return ds.subset(limit)
 
 
@@ -239,12 +252,13 @@ def _cifar(name: str, split: str, root, download: bool) -> ImageDataset:
 
 # --- ImageFolder (one sub-folder per class) and WebDataset shards -------------------------
 
-@DATASETS.register("imagefolder", arg="PATH", help="one sub-folder per class; PATH/train + PATH/test or "
+@DATASETS.register("imagefolder", arg="PATH", help="one sub-folder per class, or images directly inside "
+                                                   "(unlabelled; see --labels); PATH/train + PATH/test or "
                                                    "PATH/val when present; --image-size, default 64")
-def _image_folder(path: str, split: str, **options) -> ImageDataset:
+def _image_folder(path: str, split: str, labels: str = "auto", **options) -> ImageDataset:
     from rela.data.files import image_folder
 
-    return decode_files(image_folder(path, split), **options)
+    return decode_files(image_folder(path, split, labels), **options)
 
 
 @DATASETS.register("shards", arg="PATH", help="WebDataset tar shards made by 'rela shard' (PATH/train, "
@@ -286,7 +300,7 @@ def decode_files(files, image_size: int | None = None, skip_bad_images: bool = F
     key = files.take(good).fingerprint(image_size, verify_data) if skipped else files.fingerprint(image_size,
                                                                                                  verify_data)
     return ImageDataset(files.name, files.split, images, labels, len(files.classes), IMAGENET_MEAN, IMAGENET_STD,
-                        _fingerprint=key, skipped=tuple(skipped))
+                        _fingerprint=key, skipped=tuple(skipped), unlabelled=files.unlabelled)
 
 
 # --- scikit-learn's digits: a second, different small dataset -----------------------

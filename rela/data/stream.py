@@ -59,6 +59,7 @@ class StreamSet:
         self.name, self.split = files.name, files.split
         self.mean, self.std = tuple(mean), tuple(std)
         self.num_classes = len(files.classes)
+        self.unlabelled = files.unlabelled  # why there are no labels (num_classes 0), or None
         self.labels = torch.from_numpy(np.ascontiguousarray(files.labels, dtype=np.int64))
         self.skip_bad_images, self.verify_data = skip_bad_images, verify_data
         self.skipped: set[str] = set(files.skipped)  # files found bad so far and left out (--skip-bad-images)
@@ -105,7 +106,7 @@ class StreamSet:
                 images[batch["index"]] = batch["image"]
             keep[batch["bad_index"]] = False
         data = ImageDataset(self.name, self.split, images[keep], part.labels[keep], self.num_classes,
-                            self.mean, self.std)
+                            self.mean, self.std, unlabelled=self.unlabelled)
         data._fingerprint = part.fingerprint()
         return data
 
