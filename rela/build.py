@@ -51,7 +51,7 @@ def load_data(cfg: TrainConfig, split: str, mode: str = "memory") -> ImageDatase
         return load_stream(cfg, split).subset(limit)
     return load_dataset(cfg.dataset, split, cfg.data_root, cfg.download, limit, cfg.image_size,
                         holdout=cfg.holdout, skip_bad_images=cfg.skip_bad_images, verify_data=cfg.verify_data,
-                        labels=cfg.labels)
+                        labels=cfg.labels, progress=cfg.progress)
 
 
 def load_stream(cfg: TrainConfig, split: str) -> StreamSet:

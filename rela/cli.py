@@ -12,6 +12,7 @@ import json
 import sys
 
 from rela.config import MOMENTUM_AFTER_SWITCH, RELA_AUGMENTS, SWITCH_AUG_AT, TRANSFER_HEADS, TrainConfig, read_yaml
+from rela.console import console_scope
 from rela.errors import RelaError
 from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LOGGERS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES,
                            PRESETS, PRIORS, SUBSETS, SWITCHES, Registry)
@@ -206,7 +207,7 @@ def _cmd_shard(args) -> int:
         if files.unlabelled:
             print(f"{split}: unlabelled ({files.unlabelled}): the shards hold images without labels")
         dest = out / split if (base / "train").is_dir() else out
-        index = write_shards(files, dest, args.samples_per_shard)
+        index = write_shards(files, dest, args.samples_per_shard, progress=args.progress)
         size = sum(s["bytes"] for s in index["shards"])
         print(f"{split}: {index['samples']} images of {files.root} -> {len(index['shards'])} shard(s), "
               f"{size / 2**20:.1f} MiB in {dest}/")
@@ -294,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "sit directly in it)")
     p.add_argument("--samples-per-shard", type=int, default=10_000,
                    help="images per tar file (default 10000: about 1 GB of ImageNet JPEGs)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_cmd_shard)
     return parser
 
@@ -301,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with console_scope():  # one-line warnings, third parties' that do not apply silenced: rela.console
+            return args.func(args)
     except RelaError as e:
         print(f"rela: error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from torch import nn
 from rela.build import choose_data_mode, held_out_slice, load_data, require_labels
 from rela.data.files import has_test_split
 from rela.config import TrainConfig
+from rela.console import bar, console_scope
 from rela.data import Normalize
 from rela.data.augment import to_float
 from rela.errors import RelaError
@@ -44,7 +45,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int, *,
                  epochs: int = 50, batch_size: int = 1024, lr: float = 1e-2, weight_decay: float = 1e-4,
-                 seed: int = 0) -> float:
+                 seed: int = 0, progress: bool = False) -> float:
     """Top-1 of a linear classifier trained on standardised frozen features."""
     mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
     xtr, xte = (train_features - mean) / std, (test_features - mean) / std
@@ -55,7 +56,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(xtr) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
+    for _ in bar(range(epochs), desc="eval: linear probe", enabled=progress):
         order = torch.randperm(len(xtr), generator=g)
         for start in range(0, len(xtr), batch_size):
             idx = order[start: start + batch_size]
@@ -98,6 +99,7 @@ def split_features(backbone: nn.Module, data, normalize: Normalize, *, device="c
     return features, data.labels[index]
 
 
+@console_scope()
 def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data_root: str | None = None,
                  device: str | None = None, progress: bool = True) -> dict:
     """k-NN and linear probe of a finished run's backbone; results merged into its metrics.json."""
@@ -133,7 +135,8 @@ def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data
     knn = knn_accuracy(ftr, ytr, fte, yte, train.num_classes, ks=ks)
     results = {f"knn{k}_top1": acc for k, acc in knn.items()}
     results["knn_top1"] = knn[max(knn)]  # the largest k (200 by default), as in lightly's benchmarks
-    results["linear_top1"] = linear_probe(ftr, ytr, fte, yte, train.num_classes, epochs=linear_epochs, seed=cfg.seed)
+    results["linear_top1"] = linear_probe(ftr, ytr, fte, yte, train.num_classes, epochs=linear_epochs, seed=cfg.seed,
+                                          progress=progress)
     results["eval_test_images"] = len(yte)
     results["eval_split"] = test.split
     results["eval_data_mode"] = mode

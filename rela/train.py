@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,7 +28,9 @@ from torch.utils.data import BatchSampler, DataLoader
 from rela.accelerator import Progress, ReLAAccelerator
 from rela.build import prepare, workers
 from rela.callbacks import KNNMonitor, StepMetrics
+from rela import console
 from rela.config import TrainConfig
+from rela.console import console_scope
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
 from rela.data.stream import StreamBatches, StreamSet, in_memory
 from rela.data.subset import LossRecord, RandomRule, SubsetRule
@@ -47,12 +48,6 @@ from rela.schedules import lr_factor
 # Test hook: seconds to pause inside every checkpoint write, after the temporary file is written and
 # before it replaces last.ckpt, so benchmarks/kill_resume.py can land a SIGKILL mid-write.
 CHECKPOINT_DELAY_ENV = "RELA_DEBUG_CHECKPOINT_DELAY"
-# Lightning warnings that do not apply to this trainer, silenced around fit() only.
-EXPECTED_WARNINGS = (
-    ".*does not have many workers.*",  # batches are index tensors into on-device images: no workers needed
-    ".*`training_step` returned `None`.*",
-    ".*resuming from a checkpoint that ended before the epoch ended.*",  # handled: see rela_sampler
-)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -131,8 +126,8 @@ class ReLAModule(L.LightningModule):
         self._sampler, self._sampler_state = sampler, None
         batch_size = min(self.cfg.batch_size, len(sampler))
         if batch_size < self.cfg.batch_size:
-            warnings.warn(f"the subset per epoch and rank holds {len(sampler)} images; batch size "
-                          f"lowered from {self.cfg.batch_size} to {batch_size}", stacklevel=1)
+            console.warn(f"the subset per epoch and rank holds {len(sampler)} images; batch size "
+                         f"lowered from {self.cfg.batch_size} to {batch_size}")
         if self.stream is not None:
             return self.stream.loader(sampler, batch_size)
         batches = BatchSampler(sampler, batch_size, drop_last=True)
@@ -387,19 +382,17 @@ def _check_out_dir(cfg: TrainConfig) -> Path:
 
 @contextmanager
 def _quiet_lightning():
-    """Lightning's info banners and its warnings that do not apply here, off for this fit only."""
+    """Lightning's info banners off for this fit only (its warnings that do not apply: rela.console)."""
     logger = logging.getLogger("lightning.pytorch")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
-        with warnings.catch_warnings():
-            for message in EXPECTED_WARNINGS:
-                warnings.filterwarnings("ignore", message)
-            yield
+        yield
     finally:
         logger.setLevel(level)
 
 
+@console_scope()
 def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     """Run one training job as configured; returns the metrics written to ``metrics.json``.
 

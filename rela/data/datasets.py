@@ -16,13 +16,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rela import console
 from rela.errors import RelaError
 from rela.registry import DATASETS
 FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -105,6 +105,7 @@ def load_dataset(
     skip_bad_images: bool = False,
     verify_data: bool = False,
     labels: str = "auto",
+    progress: bool = False,
 ) -> ImageDataset:
     """Load ``split`` ("train" or "test") of the dataset called ``name``.
 
@@ -114,13 +115,13 @@ def load_dataset(
     files that do not decode (listed in ``skipped``) instead of failing on the first;
     ``verify_data`` keys file datasets by their content, not their names, sizes and mtimes;
     ``labels`` (auto, folders, none) says how an image folder's labels are read
-    (:func:`rela.data.files.unlabelled_reason`).
+    (:func:`rela.data.files.unlabelled_reason`); ``progress`` shows a bar while an image folder decodes.
     """
     if split not in ("train", "test"):
         raise RelaError(f"unknown split {split!r}; valid choices: train, test")
     if holdout:
         full = load_dataset(name, "train", root, download, None, image_size, skip_bad_images=skip_bad_images,
-                            verify_data=verify_data, labels=labels)
+                            verify_data=verify_data, labels=labels, progress=progress)
         if not 0 < holdout < len(full):
             raise RelaError(f"holdout must be between 1 and {len(full) - 1} for {name}, got {holdout}")
         keep = slice(None, len(full) - holdout) if split == "train" else slice(len(full) - holdout, None)
@@ -130,7 +131,8 @@ def load_dataset(
                             unlabelled=full.unlabelled)
         return part.subset(limit)
     ds = DATASETS.create(name, split, root=root, download=download, image_size=image_size,
-                         skip_bad_images=skip_bad_images, verify_data=verify_data, labels=labels)
+                         skip_bad_images=skip_bad_images, verify_data=verify_data, labels=labels,
+                         progress=progress)
     return ds.subset(limit)
 
 
@@ -270,7 +272,7 @@ def _shards(path: str, split: str, skip_bad_images: bool = False, **options) -> 
 
 
 def decode_files(files, image_size: int | None = None, skip_bad_images: bool = False, verify_data: bool = False,
-                 **_) -> ImageDataset:
+                 progress: bool = False, **_) -> ImageDataset:
     """Decode every image of a :class:`rela.data.files.FileSource` into memory (memory mode).
 
     The bank key is the files' identity (names, sizes, modification times), not the decoded
@@ -281,7 +283,7 @@ def decode_files(files, image_size: int | None = None, skip_bad_images: bool = F
     image_size = image_size or DEFAULT_IMAGE_SIZE
     images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
     good, skipped = [], list(files.skipped)
-    for i in range(len(files)):
+    for i in console.bar(range(len(files)), desc=f"decoding {files.root.name}", enabled=progress, unit="img"):
         try:
             images[i] = files.image(i, image_size)
             good.append(i)
@@ -294,8 +296,7 @@ def decode_files(files, image_size: int | None = None, skip_bad_images: bool = F
     if skipped:
         if not good:
             raise RelaError(f"{files.name}: none of its {len(skipped)} images decodes")
-        warnings.warn(f"skipped {len(skipped)} image(s) of {files.root} that do not decode, e.g. {skipped[0]}",
-                      stacklevel=2)
+        console.warn(f"skipped {len(skipped)} image(s) of {files.root} that do not decode, e.g. {skipped[0]}")
         images, labels = images[good], labels[good]
     key = files.take(good).fingerprint(image_size, verify_data) if skipped else files.fingerprint(image_size,
                                                                                                  verify_data)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rela.console import bar, console_scope
 from rela.errors import RelaError
 
 SHARD_FORMAT = "rela-shards-v1"
@@ -286,12 +287,15 @@ def open_files(spec: str, split: str, skip_bad_images: bool = False, labels: str
     return None
 
 
-def write_shards(src: FileSource, out: Path, samples_per_shard: int = 10_000) -> dict:
+@console_scope()
+def write_shards(src: FileSource, out: Path, samples_per_shard: int = 10_000, progress: bool = False) -> dict:
     """Copy ``src``'s encoded images, unchanged, into WebDataset tars under ``out`` plus the index."""
+
     if samples_per_shard < 1:
         raise RelaError(f"samples per shard must be >= 1, got {samples_per_shard}")
     out.mkdir(parents=True, exist_ok=True)
     shards, rows = [], []
+    images = bar(total=len(src), desc=f"shard: {src.root.name}", enabled=progress, unit="img")
     for first in range(0, len(src), samples_per_shard):
         name = f"shard-{len(shards):06d}.tar"
         tmp = out / f".{name}.tmp"
@@ -310,6 +314,7 @@ def write_shards(src: FileSource, out: Path, samples_per_shard: int = 10_000) ->
                     info = tarfile.TarInfo(member)
                     info.size, info.mtime, info.mode = len(payload), 0, 0o444
                     tar.addfile(info, io.BytesIO(payload))
+                images.update()
         shard = len(shards)
         with tarfile.open(tmp) as tar:  # where each image's bytes landed: the random-access index
             for m in tar.getmembers():
@@ -319,6 +324,7 @@ def write_shards(src: FileSource, out: Path, samples_per_shard: int = 10_000) ->
         os.replace(tmp, out / name)
         shards.append({"file": name, "bytes": (out / name).stat().st_size,
                        "samples": min(samples_per_shard, len(src) - first)})
+    images.close()
     np.save(out / "index.npy", np.array(rows, dtype=np.int64).reshape(-1, 4))
     index = {"format": SHARD_FORMAT, "classes": src.classes, "samples": len(src), "shards": shards}
     if src.unlabelled:

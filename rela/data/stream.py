@@ -24,7 +24,6 @@ drops it and lists it, and the main process either stops with a one-line
 from __future__ import annotations
 
 import os
-import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 from rela.data.augment import ViewAugment, blur_kernel
 from rela.data.datasets import ImageDataset
 from rela.data.files import BadImage, FileSource
+from rela import console
 from rela.errors import RelaError
 
 
@@ -91,7 +91,7 @@ class StreamSet:
                             "--skip-bad-images to leave such files out")
         new = {path for path, _ in items} - self.skipped
         if new:
-            warnings.warn(f"skipped {len(new)} image(s) that do not decode, e.g. {sorted(new)[0]}", stacklevel=2)
+            console.warn(f"skipped {len(new)} image(s) that do not decode, e.g. {sorted(new)[0]}")
             self.skipped |= new
 
     def decoded(self, limit: int | None = None, workers: int = 0) -> ImageDataset:
