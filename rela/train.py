@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,7 +28,9 @@ from torch.utils.data import BatchSampler, DataLoader
 from rela.accelerator import Progress, ReLAAccelerator
 from rela.build import prepare, workers
 from rela.callbacks import KNNMonitor, StepMetrics
+from rela import console
 from rela.config import TrainConfig
+from rela.console import console_scope
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
 from rela.data.stream import StreamBatches, StreamSet, in_memory
 from rela.data.subset import LossRecord, RandomRule, SubsetRule
@@ -37,7 +38,8 @@ from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.flops import run_flops, step_flops_per_image
 from rela.hardware import keep_freed_memory, release_freed_memory
-from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
+from rela.io import (atomic_write, check_writable, load_json, load_torch, remove_stale_temp_files, save_json,
+                     save_torch, save_yaml)
 from rela.loggers import build_logger, close_logger
 from rela.methods import Method
 from rela.priors import BACKBONE_FILE_FORMAT
@@ -46,12 +48,6 @@ from rela.schedules import lr_factor
 # Test hook: seconds to pause inside every checkpoint write, after the temporary file is written and
 # before it replaces last.ckpt, so benchmarks/kill_resume.py can land a SIGKILL mid-write.
 CHECKPOINT_DELAY_ENV = "RELA_DEBUG_CHECKPOINT_DELAY"
-# Lightning warnings that do not apply to this trainer, silenced around fit() only.
-EXPECTED_WARNINGS = (
-    ".*does not have many workers.*",  # batches are index tensors into on-device images: no workers needed
-    ".*`training_step` returned `None`.*",
-    ".*resuming from a checkpoint that ended before the epoch ended.*",  # handled: see rela_sampler
-)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -68,6 +64,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         atomic_write(path, write)
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Always ``weights_only``: what rela writes is tensors and plain values (:func:`rela.io.load_torch`),
+        and a ``last.ckpt`` from someone else's run folder must not run code on ``--resume``."""
+        checkpoint = load_torch(path, "checkpoint")
+        if not isinstance(checkpoint, dict):
+            raise RelaError(f"cannot resume from {path}: not a checkpoint of 'rela train'")
+        return checkpoint
+
 
 class ReLAModule(L.LightningModule):
     """A base method, optionally accelerated by ReLA, plus the online linear monitor."""
@@ -82,8 +86,8 @@ class ReLAModule(L.LightningModule):
         if self.loss_record is not None:
             self.subset.losses = self.loss_record
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (the sampler's, on the device)
-        # Labels train this classifier for monitoring only: its input is detached.
-        self.monitor = nn.Linear(method.feature_dim, dataset.num_classes)
+        # Labels train this classifier for monitoring only: its input is detached. Unlabelled data: no monitor.
+        self.monitor = nn.Linear(method.feature_dim, dataset.num_classes) if dataset.num_classes else None
         self.normalize = Normalize(dataset.mean, dataset.std, dataset.channels)
         self.num_samples, self.stream = len(dataset), None
         if isinstance(dataset, StreamSet):  # stream mode: workers decode (and augment: --augment-on workers)
@@ -122,8 +126,8 @@ class ReLAModule(L.LightningModule):
         self._sampler, self._sampler_state = sampler, None
         batch_size = min(self.cfg.batch_size, len(sampler))
         if batch_size < self.cfg.batch_size:
-            warnings.warn(f"the subset per epoch and rank holds {len(sampler)} images; batch size "
-                          f"lowered from {self.cfg.batch_size} to {batch_size}", stacklevel=1)
+            console.warn(f"the subset per epoch and rank holds {len(sampler)} images; batch size "
+                         f"lowered from {self.cfg.batch_size} to {batch_size}")
         if self.stream is not None:
             return self.stream.loader(sampler, batch_size)
         batches = BatchSampler(sampler, batch_size, drop_last=True)
@@ -191,9 +195,7 @@ class ReLAModule(L.LightningModule):
                 method_loss = _weighted_mean(out.per_sample, weights)
             loss, features = loss + (1 - lam) * method_loss, out.features
             logs["method_loss"] = method_loss.detach()
-        logits = self.monitor(features.detach().float())
-        monitor_loss = F.cross_entropy(logits, y)
-        logs["monitor_acc"] = (logits.argmax(1) == y).float().mean()
+        monitor_loss = self.monitor_loss(features, y, logs)
         if not torch.isfinite(loss):
             raise RelaError(f"the training loss became {loss.item()} at step {step}; "
                             "lower --lr (the last good checkpoint is kept)")
@@ -206,6 +208,14 @@ class ReLAModule(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self._batch_images, self._batch_lam = len(index), lam
         return loss + monitor_loss
+
+    def monitor_loss(self, features: torch.Tensor, y: torch.Tensor, logs: dict) -> torch.Tensor | float:
+        """The online linear monitor's loss on detached features (its accuracy into ``logs``); 0 without labels."""
+        if self.monitor is None:
+            return 0.0
+        logits = self.monitor(features.detach().float())
+        logs["monitor_acc"] = (logits.argmax(1) == y).float().mean()
+        return F.cross_entropy(logits, y)
 
     def batch_weights(self, index: torch.Tensor) -> torch.Tensor | None:
         """The loss weights of a batch's images under this epoch's subset draw (None: all 1, the random rule)."""
@@ -372,19 +382,17 @@ def _check_out_dir(cfg: TrainConfig) -> Path:
 
 @contextmanager
 def _quiet_lightning():
-    """Lightning's info banners and its warnings that do not apply here, off for this fit only."""
+    """Lightning's info banners off for this fit only (its warnings that do not apply: rela.console)."""
     logger = logging.getLogger("lightning.pytorch")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
-        with warnings.catch_warnings():
-            for message in EXPECTED_WARNINGS:
-                warnings.filterwarnings("ignore", message)
-            yield
+        yield
     finally:
         logger.setLevel(level)
 
 
+@console_scope()
 def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     """Run one training job as configured; returns the metrics written to ``metrics.json``.
 
@@ -418,7 +426,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     callbacks += [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
                                   enable_version_counter=False, **when) for when in every]
     if run.test_set is not None:
-        callbacks.insert(0, KNNMonitor(train_set, run.test_set, cfg.probe_every))
+        callbacks.insert(0, KNNMonitor(run.probe_memory, run.test_set, cfg.probe_every))
     with _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, **_trainer_layout(cfg), precision=_precision(cfg),
@@ -482,10 +490,11 @@ def _share(wait: float, busy: float) -> float | None:
 def _check_checkpoint_fits(path: Path, module: ReLAModule) -> None:
     """Refuse, before training, a checkpoint of another model (another --backbone, --method or --prior)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, ...
-        raise RelaError(f"cannot resume from {path}: unreadable checkpoint ({type(e).__name__}); "
-                        "delete it to start over") from None
+        saved = load_torch(path, "checkpoint")["state_dict"]
+    except RelaError as e:  # a planted payload, truncated, not a torch file: nothing of it ran
+        raise RelaError(f"cannot resume: {e}; delete it to start over") from None
+    except (TypeError, KeyError):
+        raise RelaError(f"cannot resume from {path}: not a checkpoint of 'rela train'; delete it to start over") from None
     expected = module.state_dict()
     problems = [f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} here"
                 for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
