@@ -1,13 +1,14 @@
 # make demo: set up .venv + Fashion-MNIST, then BYOL vs ReLA+BYOL at a reduced budget.
 # make test: the same set-up, then the test suite.
-# make readme-tables: the README's measured tables, regenerated from benchmarks/results/*.json.
+# make readme-tables: the measured blocks of README.md and docs/, regenerated from benchmarks/results/*.json.
+# make docs: the documentation site, built offline and strictly into site/ (MkDocs; a stale block or broken link fails).
 # make mutation: mutation testing (not in CI; about an hour on 2 shared cores), see benchmarks/results/mutation.md.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data demo test readme-tables clean bench-gpu mutation
+.PHONY: setup data demo test readme-tables docs clean bench-gpu mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ test: setup data
 readme-tables: setup
 	$(BIN)/python benchmarks/readme_tables.py
 
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
 # mutmut over rela/targets.py and rela/accelerator.py against their unit tests ([tool.mutmut] in
 # pyproject.toml; mutants/ is a scratch copy), then the hand-written mutants of the training step
 mutation: setup
@@ -43,4 +47,4 @@ bench-gpu:
 	$(BIN)/python benchmarks/gpu.py --data-root $(FMNIST)
 
 clean:
-	rm -rf runs .cache .pytest_cache
+	rm -rf runs .cache .pytest_cache site
