@@ -37,10 +37,11 @@ mutation: setup
 	$(BIN)/mutmut results
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/mutation_train.py --json mutants/train.json
 
-# GPU benchmark, offline: the 4 Fashion-MNIST .gz files in FMNIST (an ignored folder carried with the tree)
+# GPU benchmark, offline: the 4 Fashion-MNIST .gz files in FMNIST (an ignored folder carried with the tree);
+# resumes a stopped benchmark (FRESH=--fresh starts over). On a lent GPU: bash benchmarks/gpu_check.sh (--quick).
 FMNIST ?= data/fashion-mnist
 bench-gpu:
-	$(BIN)/python benchmarks/gpu.py --data-root $(FMNIST)
+	$(BIN)/python benchmarks/gpu.py --data-root $(FMNIST) $(FRESH)
 
 clean:
 	rm -rf runs .cache .pytest_cache
