@@ -9,7 +9,7 @@ timeout keeps them):
   on 2 views already normalised on the device, in a plain PyTorch loop: no augmentation, no data
   loading, no Lightning, no online monitor. Every other run's ``bare_share`` is its images/s over this.
 - ``byol-full``, ``rela-10/20/50``: ``rela train`` (method BYOL; prior none / random at 10, 20, 50 %
-  of the data per epoch, adaptive switch) on the memory path: the dataset resident on the device,
+  of the data per epoch, ``--switch``, default adaptive) on the memory path: the dataset resident on the device,
   batches indexed and augmented there.
 - ``lightly-byol``: the peer, lightly's BYOL example as its users run it: a plain PyTorch loop,
   lightly's heads, loss, momentum update and cosine momentum schedule, SGD lr 0.06,
@@ -23,7 +23,7 @@ timeout keeps them):
 ``--quick`` (fits in 8 minutes on one H200 with its set-up) runs bare, byol-full, rela-20,
 lightly-byol and byol-full-stream for 5 epochs; ``--smoke`` runs every kind on CPU, tiny (a test).
 
-Per run, into ``RESULTS/gpu_<mode>_<device>.json`` and ``.md``, rewritten after EVERY run (a timeout
+Per run, into ``RESULTS/gpu_<mode>-<device>.json`` (``runs``: a list, in the order they ran) and ``.md``, rewritten after EVERY run (a timeout
 or kill keeps what finished; the next call skips the runs stored under the same settings, ``--fresh``
 starts over):
 
@@ -281,7 +281,7 @@ def rela_run(name: str, args, device: str, png: Path | None) -> dict:
     cfg = TrainConfig(dataset=f"imagefolder:{png}" if stream else DATASET, data_root=args.data_root,
                       image_size=32 if stream else None, data_mode=path, num_workers=args.workers if stream else None,
                       train_limit=args.train_limit, test_limit=args.test_limit, backbone=args.backbone,
-                      method="byol", prior=prior, switch="adaptive", ratio=ratio, epochs=args.epochs,
+                      method="byol", prior=prior, switch=args.switch, ratio=ratio, epochs=args.epochs,
                       batch_size=args.batch_size, accelerator="cpu" if args.smoke else "auto",
                       probe_every=0, progress=False, cache_dir=str(args.runs_dir / "cache" / name),
                       out=str(args.runs_dir / name))
@@ -483,7 +483,7 @@ def settings(args, device: str) -> dict:
     """What the stored runs depend on: a file made under other settings is not resumed."""
     return {"device": torch.cuda.get_device_name(device) if device == "cuda" else "CPU", "mode": args.mode,
             "torch": torch.__version__, **{k: getattr(args, k) for k in (
-                "backbone", "compile", "epochs", "batch_size", "train_limit", "test_limit", "linear_epochs",
+                "backbone", "switch", "compile", "epochs", "batch_size", "train_limit", "test_limit", "linear_epochs",
                 "workers", "warmup_steps", "profile_steps", "bare_warmup", "bare_steps")}}
 
 
@@ -498,19 +498,15 @@ def run_all(args) -> dict:
         if stored.get("settings") != here:
             raise SystemExit(f"{json_path} holds runs made under other settings ({stored.get('settings')}); "
                              "pass --fresh to start over, or another --results")
-        report = stored
+        report = {**stored, "runs": {r["run"]: r for r in stored["runs"]}}
     names = args.runs or (QUICK if args.mode == "quick" else list(RUNS))
     png = None
     if any(RUNS[n][3] == "stream" for n in names if n not in report["runs"]):
         png = png_folder(args.runs_dir, args.data_root, args.train_limit, args.test_limit)
-    started = 0
     for name in names:
         if name in report["runs"]:
             print(f"{name}: stored in {json_path}, skipped", flush=True)
             continue
-        if args.max_runs is not None and started >= args.max_runs:
-            break
-        started += 1
         print(f"{name}: running", flush=True)
         # a run killed midway starts over; each run extracts its own bank (a cached one would cost no time)
         for folder in (args.runs_dir / name, args.runs_dir / "cache" / name):
@@ -525,9 +521,10 @@ def run_all(args) -> dict:
         row.setdefault("switch_step", None)
         if kind == "bare":
             row.update({k: None for k in ACCURACY}, train_flops=None, bank_flops=None, bank_seconds=None)
-        report["runs"][name] = {"kind": kind, "prior": prior, "ratio": ratio, "data_path": path, **row}
+        report["runs"][name] = {"run": name, "kind": kind, "prior": prior, "ratio": ratio, "data_path": path, **row}
         derive(report["runs"])
-        save_json(report, json_path)  # after every run: a timeout keeps what finished
+        # after every run, so a timeout keeps what finished; a list, in the order they ran (JSON keys get sorted)
+        save_json({**report, "runs": list(report["runs"].values())}, json_path)
         save_text(markdown(report), md_path)
     return report
 
@@ -543,12 +540,12 @@ def main(argv=None) -> None:
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--linear-epochs", type=int, default=50)
     p.add_argument("--compile", action="store_true", help="torch.compile rela's backbone")
+    p.add_argument("--switch", default="adaptive", help="the ReLA runs' switch (pinned: comparable across rela versions)")
     p.add_argument("--warmup-steps", type=int, default=20, help="steps before the timed and profiled window")
     p.add_argument("--profile-steps", type=int, default=20)
     p.add_argument("--bare-warmup", type=int, default=20, help="bare step: untimed steps")
     p.add_argument("--bare-steps", type=int, default=None, help="bare step: timed steps (default 500, --quick 200)")
     p.add_argument("--runs", nargs="+", choices=list(RUNS), help="these runs only, in this order")
-    p.add_argument("--max-runs", type=int, default=None, help="stop after starting this many runs (the rest: next call)")
     p.add_argument("--fresh", action="store_true", help="discard the stored runs of these settings")
     p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader workers (stream path, lightly)")
     mode = p.add_mutually_exclusive_group()

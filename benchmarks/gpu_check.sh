@@ -13,8 +13,9 @@ mkdir -p "$RESULTS"
 "$PY" -m pip install -q --no-index --no-deps --target /tmp/pylib .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/pylib:$PWD OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/gpu_check_device.txt"
-# the CUDA-only tests (marked cuda; skipped on machines without CUDA). pytest exits 5 when none is collected.
-"$PY" -m pytest -q -rs -m cuda tests 2>&1 | tail -40 | tee "$RESULTS/gpu_check_pytest.txt"
+# the CUDA-only tests (marked cuda; skipped on machines without CUDA), or TESTS="tests/test_x.py ...".
+# pytest exits 5 when none is collected.
+"$PY" -m pytest -q -rs ${TESTS:--m cuda tests} 2>&1 | tail -40 | tee "$RESULTS/gpu_check_pytest.txt"
 tests=${PIPESTATUS[0]}
 [ "$tests" = 5 ] && echo "no test is marked cuda yet" | tee -a "$RESULTS/gpu_check_pytest.txt"
 # the quick benchmark: writes its results after every run, so a timeout keeps what finished
