@@ -34,6 +34,8 @@ starts over):
   of ``--profile-steps`` steps after the warm-up (None off CUDA);
 - ``data_wait_fraction``: share of the steps' wall time spent waiting for the next batch;
 - ``tflops_per_second``: rela.flops' count of a step's FLOPs per image x images/s;
+- ``kernels_per_step`` (in the profiled window) and ``host_syncs_per_step`` (the ``--sync-steps`` steps
+  after it, counted by ``torch.cuda.set_sync_debug_mode("warn")``), None off CUDA;
 - ``peak_gpu_memory_gb`` (None off CUDA); ``knn_top1`` (k=200), ``knn20_top1``, ``linear_top1``;
 - cost as wall-clock and as FLOPs side by side: ``cost_seconds`` (the fit's wall seconds + the bank's)
   and ``cost_flops`` (training + bank FLOPs), each also over BYOL-full's (``*_ratio``).
@@ -63,6 +65,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -147,18 +150,23 @@ def synchronize(device) -> None:
 
 
 class Meter:
-    """Steady-state images/s, the GPU busy fraction of a profiled window, peak memory: one per run.
+    """Steady-state images/s, a profiled window, a sync-counted window, peak memory: one per run.
 
-    The device is synchronised only at the window's edges (start of step ``warmup``, end of step
-    ``warmup + profile_steps``, end of the run): a synchronisation inside the steps would change what
-    is measured.
+    Steps [warmup, warmup + profile_steps): the CUDA kernels (GPU busy fraction, kernels per step);
+    the next ``sync_steps`` steps: the host-device synchronisations that
+    ``torch.cuda.set_sync_debug_mode("warn")`` flags (``.item()``, a tensor in an ``if``, blocking
+    copies), per step. The device is synchronised only at these windows' edges and at the run's end: a
+    synchronisation inside the steps would change what is measured. Off CUDA only the rate is measured.
     """
 
-    def __init__(self, device, warmup: int, profile_steps: int):
-        self.device, self.warmup, self.profile_steps = torch.device(device), warmup, profile_steps
+    SYNC_WARNING = "synchronizing CUDA operation"  # what torch warns on each sync in sync debug mode "warn"
+
+    def __init__(self, device, warmup: int, profile_steps: int, sync_steps: int = 20):
+        self.device, self.warmup, self.profile_steps, self.sync_steps = torch.device(device), warmup, profile_steps, sync_steps
         self.cuda = self.device.type == "cuda"
-        self.profiler = None
-        self.t0 = self.seconds = self.images0 = self.images = self.busy = self.peak_gb = None
+        self.profiler = self.catcher = None
+        self.t0 = self.seconds = self.images0 = self.images = self.busy = self.kernels = self.peak_gb = None
+        self.syncs = self.sync_from = self.flagged = None
         self.start_time = self.fit_seconds = 0.0
 
     def start(self, total_steps: int) -> None:
@@ -170,13 +178,26 @@ class Meter:
         self.start_time = time.perf_counter()
 
     def before_step(self, step: int, images_so_far: int) -> None:
-        if step != self.warmup or self.t0 is not None:
-            return
-        synchronize(self.device)
-        self.t0, self.images0 = time.perf_counter(), images_so_far
-        if self.cuda:
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-            self.profiler.__enter__()
+        if step == self.warmup and self.t0 is None:
+            synchronize(self.device)
+            self.t0, self.images0 = time.perf_counter(), images_so_far
+            if self.cuda:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                self.profiler.__enter__()
+        if self.cuda and step == self.warmup + self.profile_steps and self.sync_from is None:
+            self.sync_from, self.catcher = step, warnings.catch_warnings(record=True)
+            self.flagged = self.catcher.__enter__()
+            warnings.simplefilter("always")  # every sync, not the first per line of code
+            torch.cuda.set_sync_debug_mode("warn")
+        if self.catcher is not None and step == self.sync_from + self.sync_steps:
+            self._stop_counting(step)
+
+    def _stop_counting(self, step: int) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self.catcher.__exit__(None, None, None)
+        self.catcher = None
+        if step > self.sync_from:
+            self.syncs = sum(self.SYNC_WARNING in str(w.message) for w in self.flagged) / (step - self.sync_from)
 
     def after_step(self, steps_done: int) -> None:
         if self.profiler is not None and self.busy is None and steps_done >= self.warmup + self.profile_steps:
@@ -184,22 +205,31 @@ class Meter:
             wall = time.perf_counter() - self.t0
             self.profiler.__exit__(None, None, None)
             self.busy = _kernel_seconds(self.profiler) / wall
+            self.kernels = _kernel_count(self.profiler) / max(steps_done - self.warmup, 1)
 
-    def finish(self, images_total: int) -> None:
+    def finish(self, images_total: int, steps_total: int) -> None:
+        if self.catcher is not None:  # the run ended inside the sync-counted window
+            self._stop_counting(steps_total)
         synchronize(self.device)
         end = time.perf_counter()
         self.fit_seconds = end - self.start_time
         if self.t0 is not None:
             self.seconds, self.images = end - self.t0, images_total - self.images0
-        if self.profiler is not None and self.busy is None:  # the run ended inside the window
-            self.after_step(self.warmup + self.profile_steps)
+        if self.profiler is not None and self.busy is None:  # the run ended inside the profiled window
+            self.after_step(steps_total)
         if self.cuda:
             self.peak_gb = torch.cuda.max_memory_allocated(self.device) / 2**30
 
     def record(self) -> dict:
         return {"timed_images": self.images, "timed_seconds": self.seconds, "fit_seconds": self.fit_seconds,
                 "images_per_second": self.images / self.seconds if self.seconds else None,
-                "gpu_busy_fraction": self.busy, "peak_gpu_memory_gb": self.peak_gb}
+                "gpu_busy_fraction": self.busy, "kernels_per_step": self.kernels, "host_syncs_per_step": self.syncs,
+                "peak_gpu_memory_gb": self.peak_gb}
+
+
+def _kernel_count(profiler) -> int:
+    """CUDA kernels (and copies) the device ran in the profiled window."""
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in profiler.events())
 
 
 def _kernel_seconds(profiler) -> float:
@@ -250,8 +280,8 @@ def precision(device) -> str:
 class GpuProbe(Callback):
     """channels_last (+ torch.compile) at fit start, and the :class:`Meter` around the fit's steps."""
 
-    def __init__(self, compile_backbone: bool, warmup: int, steps: int):
-        self.compile_backbone, self.warmup, self.steps = compile_backbone, warmup, steps
+    def __init__(self, compile_backbone: bool, warmup: int, steps: int, sync_steps: int):
+        self.compile_backbone, self.warmup, self.steps, self.sync_steps = compile_backbone, warmup, steps, sync_steps
         self.meter: Meter | None = None
 
     def on_fit_start(self, trainer, module) -> None:
@@ -262,7 +292,7 @@ class GpuProbe(Callback):
             module.method.backbone.compile()  # in place: state-dict keys stay as they are
 
     def on_train_start(self, trainer, module) -> None:
-        self.meter = Meter(module.device, self.warmup, self.steps)
+        self.meter = Meter(module.device, self.warmup, self.steps, self.sync_steps)
         self.meter.start(int(trainer.estimated_stepping_batches))
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -272,7 +302,7 @@ class GpuProbe(Callback):
         self.meter.after_step(trainer.global_step)
 
     def on_train_end(self, trainer, module) -> None:
-        self.meter.finish(module.budget["images_seen"])
+        self.meter.finish(module.budget["images_seen"], trainer.global_step)
 
 
 def rela_run(name: str, args, device: str, png: Path | None) -> dict:
@@ -285,7 +315,7 @@ def rela_run(name: str, args, device: str, png: Path | None) -> dict:
                       batch_size=args.batch_size, accelerator="cpu" if args.smoke else "auto",
                       probe_every=0, progress=False, cache_dir=str(args.runs_dir / "cache" / name),
                       out=str(args.runs_dir / name))
-    probe = GpuProbe(args.compile, args.warmup_steps, args.profile_steps)
+    probe = GpuProbe(args.compile, args.warmup_steps, args.profile_steps, args.sync_steps)
     m = train(cfg, callbacks=[probe])
     metrics = evaluate_run(cfg.out, linear_epochs=args.linear_epochs, device=device, progress=False)
     return {**probe.meter.record(), "steps": m["steps"], "images_seen": m["images_seen"],
@@ -314,7 +344,7 @@ def bare_run(args, device: str) -> dict:
     with untouched(method):
         per_image = count_flops(lambda: method([v[:8] for v in views], labels[:8]).loss.backward()) / 8
     total = args.bare_warmup + args.bare_steps
-    meter, clock = Meter(device, args.bare_warmup, args.profile_steps), WaitClock()
+    meter, clock = Meter(device, args.bare_warmup, args.profile_steps, args.sync_steps), WaitClock()
     meter.start(total)
     for step in range(total):
         meter.before_step(step, step * b)
@@ -327,7 +357,7 @@ def bare_run(args, device: str) -> dict:
         method.update_momentum(step, total)
         clock.stepped()
         meter.after_step(step + 1)
-    meter.finish(total * b)
+    meter.finish(total * b, total)
     return {**meter.record(), "steps": total, "images_seen": total * b, "flops_per_image": per_image,
             "data_wait_fraction": clock.fraction(), "precision": precision(device)}
 
@@ -387,7 +417,7 @@ def lightly_run(args, device: str, png: Path) -> dict:
     with untouched(model):
         per_image = count_flops(lambda: loss_of(sample, sample).backward()) / 8
     total = args.epochs * len(loader)
-    meter, step = Meter(device, args.warmup_steps, args.profile_steps), 0
+    meter, step = Meter(device, args.warmup_steps, args.profile_steps, args.sync_steps), 0
     meter.start(total)
     clock = WaitClock()
     for epoch in range(args.epochs):
@@ -409,7 +439,7 @@ def lightly_run(args, device: str, png: Path) -> dict:
             clock.stepped()
             meter.after_step(step)
     images = step * args.batch_size
-    meter.finish(images)
+    meter.finish(images, step)
     save_peer_run(args, model.backbone, dim, stats)
     metrics = evaluate_run(args.runs_dir / PEER, linear_epochs=args.linear_epochs, device=device, progress=False)
     return {**meter.record(), "steps": step, "images_seen": images, "flops_per_image": per_image,
@@ -459,15 +489,16 @@ def markdown(report: dict) -> str:
 
     lines = [f"# GPU benchmark: {s['device']} ({s['mode']}; {s['backbone']}, batch {s['batch_size']}, "
              f"{s['epochs']} epochs, compile={s['compile']})", "",
-             "| run | data path | images/s | x bare step | x lightly | GPU busy | data wait | TFLOP/s | peak GB "
-             "| k-NN top-1 | linear top-1 | cost s (x BYOL) | cost PFLOP (x BYOL) | switch step |",
-             "|" + "---|" * 14]
+             "| run | data path | images/s | x bare step | x lightly | GPU busy | data wait | TFLOP/s | kernels/step "
+             "| syncs/step | peak GB | k-NN top-1 | linear top-1 | cost s (x BYOL) | cost PFLOP (x BYOL) | switch step |",
+             "|" + "---|" * 16]
     for name, r in report["runs"].items():
         cost_s = "-" if r["cost_seconds"] is None else f"{r['cost_seconds']:.1f} ({f(r['cost_seconds_ratio'], '.2f')})"
         cost_f = "-" if r["cost_flops"] is None else f"{r['cost_flops'] / 1e15:.3g} ({f(r['cost_flops_ratio'], '.2f')})"
         lines.append(f"| {name} | {r['data_path']} | {f(r['images_per_second'], '.0f')} | {f(r['bare_share'], '.2f')} "
                      f"| {f(r['lightly_ratio'], '.2f')} | {f(r['gpu_busy_fraction'], '.2f')} "
                      f"| {f(r['data_wait_fraction'], '.3f')} | {f(r['tflops_per_second'], '.2f')} "
+                     f"| {f(r['kernels_per_step'], '.0f')} | {f(r['host_syncs_per_step'], '.1f')} "
                      f"| {f(r['peak_gpu_memory_gb'], '.2f')} | {f(r['knn_top1'], '.3f')} | {f(r['linear_top1'], '.3f')} "
                      f"| {cost_s} | {cost_f} | {f(r['switch_step'], 'd')} |")
     return "\n".join(lines + [
@@ -484,7 +515,7 @@ def settings(args, device: str) -> dict:
     return {"device": torch.cuda.get_device_name(device) if device == "cuda" else "CPU", "mode": args.mode,
             "torch": torch.__version__, **{k: getattr(args, k) for k in (
                 "backbone", "switch", "compile", "epochs", "batch_size", "train_limit", "test_limit", "linear_epochs",
-                "workers", "warmup_steps", "profile_steps", "bare_warmup", "bare_steps")}}
+                "workers", "warmup_steps", "profile_steps", "sync_steps", "bare_warmup", "bare_steps")}}
 
 
 def run_all(args) -> dict:
@@ -542,7 +573,8 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile rela's backbone")
     p.add_argument("--switch", default="adaptive", help="the ReLA runs' switch (pinned: comparable across rela versions)")
     p.add_argument("--warmup-steps", type=int, default=20, help="steps before the timed and profiled window")
-    p.add_argument("--profile-steps", type=int, default=20)
+    p.add_argument("--profile-steps", type=int, default=20, help="steps profiled (GPU busy, kernels per step)")
+    p.add_argument("--sync-steps", type=int, default=20, help="steps after those whose host syncs are counted")
     p.add_argument("--bare-warmup", type=int, default=20, help="bare step: untimed steps")
     p.add_argument("--bare-steps", type=int, default=None, help="bare step: timed steps (default 500, --quick 200)")
     p.add_argument("--runs", nargs="+", choices=list(RUNS), help="these runs only, in this order")

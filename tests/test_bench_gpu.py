@@ -15,14 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_fashion_root
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+sys.path.insert(0, str(SCRIPT.parent))  # the benchmark's Meter, for the CUDA test below
 ALL_RUNS = ["bare", "byol-full", "rela-20", "lightly-byol", "byol-full-stream", "rela-10", "rela-50", "rela-20-stream"]
 # what the issue asks of every run: rate, share of the bare step, lightly ratio, GPU busy, data wait,
 # TFLOP/s, peak memory, accuracy, cost as seconds and as FLOPs
 FIELDS = {"images_per_second", "bare_share", "lightly_ratio", "gpu_busy_fraction", "data_wait_fraction",
-          "tflops_per_second", "flops_per_image", "peak_gpu_memory_gb", "knn_top1", "linear_top1",
+          "tflops_per_second", "flops_per_image", "kernels_per_step", "host_syncs_per_step", "peak_gpu_memory_gb", "knn_top1", "linear_top1",
           "cost_seconds", "cost_flops", "cost_seconds_ratio", "cost_flops_ratio", "fit_seconds", "steps",
           "images_seen", "precision", "switch_step", "kind", "data_path"}
 
@@ -89,7 +91,8 @@ def test_every_run_kind_reports_every_figure(bench):
         assert run["lightly_ratio"] == pytest.approx(run["images_per_second"] / peer)
         assert run["tflops_per_second"] == pytest.approx(run["flops_per_image"] * run["images_per_second"] / 1e12)
         assert 0 <= run["data_wait_fraction"] < 1
-        assert run["gpu_busy_fraction"] is None and run["peak_gpu_memory_gb"] is None  # CPU: not measured
+        for cuda_only in ("gpu_busy_fraction", "kernels_per_step", "host_syncs_per_step", "peak_gpu_memory_gb"):
+            assert run[cuda_only] is None  # CPU: not measured
         assert run["precision"] == "32-true"
         if name == "bare":  # trains on one fixed batch: no accuracy, no training cost
             assert [run[k] for k in ("knn_top1", "linear_top1", "cost_seconds", "cost_flops")] == [None] * 4
@@ -119,3 +122,29 @@ def test_fresh_discards_the_stored_runs_and_other_settings_are_refused(bench):
     done = subprocess.run(command(root, "--fresh", "--runs", "bare"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert list(report(root)["runs"]) == ["bare"] and "bare: running" in done.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_meter_counts_kernels_and_host_syncs_on_cuda():
+    """What the GPU figures rest on: a loop with an ``.item()`` per step shows one host sync per step more."""
+    from gpu import Meter
+
+    x = torch.randn(256, 256, device="cuda")
+
+    def loop(sync: bool) -> dict:
+        meter, y = Meter("cuda", warmup=2, profile_steps=3, sync_steps=4), x
+        meter.start(12)
+        for step in range(12):
+            meter.before_step(step, 64 * step)
+            y = (y @ x).tanh()
+            if sync:
+                y.sum().item()
+            meter.after_step(step + 1)
+        meter.finish(64 * 12, 12)
+        return meter.record()
+
+    free, synced = loop(False), loop(True)
+    assert free["host_syncs_per_step"] == 0 and synced["host_syncs_per_step"] >= 1
+    assert free["kernels_per_step"] >= 2 and 0 < free["gpu_busy_fraction"] <= 1 and free["peak_gpu_memory_gb"] > 0
+    assert free["timed_images"] == 64 * 10 and free["images_per_second"] > 0
