@@ -39,9 +39,11 @@ mutation: setup
 
 # GPU benchmark, offline: the 4 Fashion-MNIST .gz files in FMNIST (an ignored folder carried with the tree);
 # resumes a stopped benchmark (FRESH=--fresh starts over). On a lent GPU: bash benchmarks/gpu_check.sh (--quick).
+# BENCH_PYTHON=python3 where there is no .venv (a lent GPU machine).
 FMNIST ?= data/fashion-mnist
+BENCH_PYTHON ?= $(BIN)/python
 bench-gpu:
-	$(BIN)/python benchmarks/gpu.py --data-root $(FMNIST) $(FRESH)
+	$(BENCH_PYTHON) benchmarks/gpu.py --data-root $(FMNIST) $(FRESH)
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -20,12 +20,13 @@ timeout keeps them):
 - ``byol-full-stream``, ``rela-20-stream``: ``rela train --data-mode stream`` on the same PNG files,
   decoded per sample in ``--workers`` DataLoader workers.
 
-``--quick`` (fits in 8 minutes on one H200 with its set-up) runs bare, byol-full, rela-20,
-lightly-byol and byol-full-stream for 5 epochs; ``--smoke`` runs every kind on CPU, tiny (a test).
+``--quick`` runs bare, byol-full, rela-20, lightly-byol and byol-full-stream for 5 epochs: sized from
+the rates the issue measured on an H200 (about 10,000 images/s) to fit 8 minutes with the machine's
+set-up; ``--smoke`` runs every kind on CPU, tiny (a test).
 
-Per run, into ``RESULTS/gpu_<mode>-<device>.json`` (``runs``: a list, in the order they ran) and ``.md``, rewritten after EVERY run (a timeout
-or kill keeps what finished; the next call skips the runs stored under the same settings, ``--fresh``
-starts over):
+Per run, into ``RESULTS/gpu_<mode>-<device>.json`` (``runs``: a list, in the order they ran) and
+``.md``, rewritten after EVERY run (a timeout or kill keeps what finished; the next call skips the
+runs stored under the same settings, ``--fresh`` starts over):
 
 - ``images_per_second``: training images over wall-clock seconds in the steady state, from step
   ``--warmup-steps`` (at most half the run) to the end, the device synchronised at both ends;
@@ -47,13 +48,13 @@ On a lent GPU, one call (the machine has no internet; carry the data and a light
     # here, once: the four Fashion-MNIST .gz files and lightly's wheel into ignored folders
     mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
     pip download --no-deps -d .whl lightly==1.6.0
-    # there (carry: data/fashion-mnist, .whl), about 7-8 minutes:
+    # there (carry: data/fashion-mnist, .whl), one call with a 600 s limit:
     bash benchmarks/gpu_check.sh
     #   = pip install --no-index --no-deps --target /tmp/pylib .whl/*.whl
     #     PYTHONPATH=/tmp/pylib:$PWD python3 -m pytest -q -rs -m cuda tests   (CUDA-only tests)
     #     PYTHONPATH=/tmp/pylib:$PWD python3 benchmarks/gpu.py --quick --data-root data/fashion-mnist \\
     #         --results ${OUT:-benchmarks/results}
-    make bench-gpu                       # the full benchmark (20 epochs, every run)
+    make bench-gpu BENCH_PYTHON=python3  # the full benchmark (20 epochs, every run; a second call resumes it)
     python benchmarks/gpu.py --smoke     # the same code on CPU, tiny, under a minute
 """
 

@@ -3,7 +3,7 @@
 # wheel, run the tests that need CUDA, then the quick benchmark. Results go to $OUT when the machine
 # sets it (what comes back from it), else to benchmarks/results. Carry data/fashion-mnist and .whl
 # (see benchmarks/gpu.py's docstring for how to fill them). Run from the checkout's root:
-#     bash benchmarks/gpu_check.sh            # about 7-8 minutes on one H200, its set-up included
+#     bash benchmarks/gpu_check.sh            # the quick form is sized for 8 minutes on one H200, set-up included
 set -u
 PY=${PYTHON:-python3}
 RESULTS=${OUT:-benchmarks/results}
