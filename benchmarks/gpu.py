@@ -163,7 +163,8 @@ class Meter:
     SYNC_WARNING = "synchronizing CUDA operation"  # what torch warns on each sync in sync debug mode "warn"
 
     def __init__(self, device, warmup: int, profile_steps: int, sync_steps: int = 20):
-        self.device, self.warmup, self.profile_steps, self.sync_steps = torch.device(device), warmup, profile_steps, sync_steps
+        self.device, self.warmup = torch.device(device), warmup
+        self.profile_steps, self.sync_steps = profile_steps, sync_steps
         self.cuda = self.device.type == "cuda"
         self.profiler = self.catcher = None
         self.t0 = self.seconds = self.images0 = self.images = self.busy = self.kernels = self.peak_gb = None
@@ -491,7 +492,8 @@ def markdown(report: dict) -> str:
     lines = [f"# GPU benchmark: {s['device']} ({s['mode']}; {s['backbone']}, batch {s['batch_size']}, "
              f"{s['epochs']} epochs, compile={s['compile']})", "",
              "| run | data path | images/s | x bare step | x lightly | GPU busy | data wait | TFLOP/s | kernels/step "
-             "| syncs/step | peak GB | k-NN top-1 | linear top-1 | cost s (x BYOL) | cost PFLOP (x BYOL) | switch step |",
+             "| syncs/step | peak GB | k-NN top-1 | linear top-1 | cost s (x BYOL) | cost PFLOP (x BYOL) "
+             "| switch step |",
              "|" + "---|" * 16]
     for name, r in report["runs"].items():
         cost_s = "-" if r["cost_seconds"] is None else f"{r['cost_seconds']:.1f} ({f(r['cost_seconds_ratio'], '.2f')})"
@@ -500,7 +502,8 @@ def markdown(report: dict) -> str:
                      f"| {f(r['lightly_ratio'], '.2f')} | {f(r['gpu_busy_fraction'], '.2f')} "
                      f"| {f(r['data_wait_fraction'], '.3f')} | {f(r['tflops_per_second'], '.2f')} "
                      f"| {f(r['kernels_per_step'], '.0f')} | {f(r['host_syncs_per_step'], '.1f')} "
-                     f"| {f(r['peak_gpu_memory_gb'], '.2f')} | {f(r['knn_top1'], '.3f')} | {f(r['linear_top1'], '.3f')} "
+                     f"| {f(r['peak_gpu_memory_gb'], '.2f')} | {f(r['knn_top1'], '.3f')} "
+                     f"| {f(r['linear_top1'], '.3f')} "
                      f"| {cost_s} | {cost_f} | {f(r['switch_step'], 'd')} |")
     return "\n".join(lines + [
         "", "images/s: steady state (after the warm-up steps), wall clock. bare step: rela's BYOL network, AdamW "
@@ -572,7 +575,8 @@ def main(argv=None) -> None:
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--linear-epochs", type=int, default=50)
     p.add_argument("--compile", action="store_true", help="torch.compile rela's backbone")
-    p.add_argument("--switch", default="adaptive", help="the ReLA runs' switch (pinned: comparable across rela versions)")
+    p.add_argument("--switch", default="adaptive",
+                   help="the ReLA runs' switch (pinned, not rela's default: comparable across rela versions)")
     p.add_argument("--warmup-steps", type=int, default=20, help="steps before the timed and profiled window")
     p.add_argument("--profile-steps", type=int, default=20, help="steps profiled (GPU busy, kernels per step)")
     p.add_argument("--sync-steps", type=int, default=20, help="steps after those whose host syncs are counted")
