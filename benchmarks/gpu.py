@@ -31,6 +31,8 @@ runs stored under the same settings, ``--fresh`` starts over):
 - ``images_per_second``: training images over wall-clock seconds in the steady state, from step
   ``--warmup-steps`` (at most half the run) to the end, the device synchronised at both ends;
   ``bare_share`` and ``lightly_ratio``: that rate over the bare step's and over lightly's;
+  ``byol_ratio``: a rela run's over BYOL-full's on the same data path; ``memory_ratio``: a stream
+  run's over the same run on the memory path;
 - ``gpu_busy_fraction``: seconds with a CUDA kernel running over wall seconds in a profiled window
   of ``--profile-steps`` steps after the warm-up (None off CUDA);
 - ``data_wait_fraction``: share of the steps' wall time spent waiting for the next batch;
@@ -247,7 +249,8 @@ def _kernel_seconds(profiler) -> float:
 
 class WaitClock:
     """rela's StepMetrics definition of data wait, for the plain loops: the time from the end of one
-    step to the start of the next (fetching the batch) over the loop's wall time."""
+    step to the start of the next (fetching the batch) over the loop's wall time. The Meter's calls
+    sit inside the steps, so its synchronisations never count as waiting for data."""
 
     def __init__(self):
         self.wait = self.busy = 0.0
@@ -349,16 +352,16 @@ def bare_run(args, device: str) -> dict:
     meter, clock = Meter(device, args.bare_warmup, args.profile_steps, args.sync_steps), WaitClock()
     meter.start(total)
     for step in range(total):
-        meter.before_step(step, step * b)
         clock.fetched()  # the views are already there: the wait is the loop's own
+        meter.before_step(step, step * b)
         with autocast(device):
             loss = method(views, labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         method.update_momentum(step, total)
-        clock.stepped()
         meter.after_step(step + 1)
+        clock.stepped()
     meter.finish(total * b, total)
     return {**meter.record(), "steps": total, "images_seen": total * b, "flops_per_image": per_image,
             "data_wait_fraction": clock.fraction(), "precision": precision(device)}
@@ -438,8 +441,8 @@ def lightly_run(args, device: str, png: Path) -> dict:
             optimizer.step()
             optimizer.zero_grad()
             step += 1
-            clock.stepped()
             meter.after_step(step)
+            clock.stepped()
     images = step * args.batch_size
     meter.finish(images, step)
     save_peer_run(args, model.backbone, dim, stats)
@@ -471,10 +474,16 @@ def derive(runs: dict) -> None:
     def rate(name):
         return (runs.get(name) or {}).get("images_per_second")
 
+    def over(name, other):
+        return runs[name]["images_per_second"] / rate(other) if rate(other) else None
+
     base = runs.get(BASE)
     for name, r in runs.items():
-        r["bare_share"] = r["images_per_second"] / rate("bare") if rate("bare") else None
-        r["lightly_ratio"] = r["images_per_second"] / rate(PEER) if rate(PEER) else None
+        r["bare_share"], r["lightly_ratio"] = over(name, "bare"), over(name, PEER)
+        stream = name.endswith("-stream")
+        # the issue's targets: ReLA's rate over BYOL's on the same data path; the stream path over the memory path
+        r["byol_ratio"] = over(name, f"{BASE}-stream" if stream else BASE) if r["kind"] == "rela" else None
+        r["memory_ratio"] = over(name, name.removesuffix("-stream")) if stream else None
         r["tflops_per_second"] = r["flops_per_image"] * r["images_per_second"] / 1e12
         trains = r["kind"] != "bare"  # the bare step trains nothing: no training cost, no accuracy
         r["cost_seconds"] = r["fit_seconds"] + r["bank_seconds"] if trains else None
@@ -491,15 +500,16 @@ def markdown(report: dict) -> str:
 
     lines = [f"# GPU benchmark: {s['device']} ({s['mode']}; {s['backbone']}, batch {s['batch_size']}, "
              f"{s['epochs']} epochs, compile={s['compile']})", "",
-             "| run | data path | images/s | x bare step | x lightly | GPU busy | data wait | TFLOP/s | kernels/step "
+             "| run | data path | images/s | x bare step | x lightly | x BYOL-full | x memory path | GPU busy | data wait | TFLOP/s | kernels/step "
              "| syncs/step | peak GB | k-NN top-1 | linear top-1 | cost s (x BYOL) | cost PFLOP (x BYOL) "
              "| switch step |",
-             "|" + "---|" * 16]
+             "|" + "---|" * 18]
     for name, r in report["runs"].items():
         cost_s = "-" if r["cost_seconds"] is None else f"{r['cost_seconds']:.1f} ({f(r['cost_seconds_ratio'], '.2f')})"
         cost_f = "-" if r["cost_flops"] is None else f"{r['cost_flops'] / 1e15:.3g} ({f(r['cost_flops_ratio'], '.2f')})"
         lines.append(f"| {name} | {r['data_path']} | {f(r['images_per_second'], '.0f')} | {f(r['bare_share'], '.2f')} "
-                     f"| {f(r['lightly_ratio'], '.2f')} | {f(r['gpu_busy_fraction'], '.2f')} "
+                     f"| {f(r['lightly_ratio'], '.2f')} | {f(r['byol_ratio'], '.2f')} "
+                     f"| {f(r['memory_ratio'], '.2f')} | {f(r['gpu_busy_fraction'], '.2f')} "
                      f"| {f(r['data_wait_fraction'], '.3f')} | {f(r['tflops_per_second'], '.2f')} "
                      f"| {f(r['kernels_per_step'], '.0f')} | {f(r['host_syncs_per_step'], '.1f')} "
                      f"| {f(r['peak_gpu_memory_gb'], '.2f')} | {f(r['knn_top1'], '.3f')} "

@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 ALL_RUNS = ["bare", "byol-full", "rela-20", "lightly-byol", "byol-full-stream", "rela-10", "rela-50", "rela-20-stream"]
 # what the issue asks of every run: rate, share of the bare step, lightly ratio, GPU busy, data wait,
 # TFLOP/s, peak memory, accuracy, cost as seconds and as FLOPs
-FIELDS = {"images_per_second", "bare_share", "lightly_ratio", "gpu_busy_fraction", "data_wait_fraction",
+FIELDS = {"images_per_second", "bare_share", "lightly_ratio", "byol_ratio", "memory_ratio", "gpu_busy_fraction", "data_wait_fraction",
           "tflops_per_second", "flops_per_image", "kernels_per_step", "host_syncs_per_step", "peak_gpu_memory_gb",
           "knn_top1", "linear_top1",
           "cost_seconds", "cost_flops", "cost_seconds_ratio", "cost_flops_ratio", "fit_seconds", "steps",
@@ -100,6 +100,11 @@ def test_every_run_kind_reports_every_figure(bench):
         assert 0 <= run["knn_top1"] <= 1 and 0 <= run["linear_top1"] <= 1
         assert run["cost_seconds"] >= run["fit_seconds"] > 0 and run["cost_flops"] > 0
     assert runs["byol-full"]["cost_seconds_ratio"] == 1.0 and runs["byol-full"]["cost_flops_ratio"] == 1.0
+    rate = {name: run["images_per_second"] for name, run in runs.items()}
+    assert runs["rela-20"]["byol_ratio"] == pytest.approx(rate["rela-20"] / rate["byol-full"])
+    assert runs["rela-20-stream"]["byol_ratio"] == pytest.approx(rate["rela-20-stream"] / rate["byol-full-stream"])
+    assert runs["rela-20-stream"]["memory_ratio"] == pytest.approx(rate["rela-20-stream"] / rate["rela-20"])
+    assert runs["bare"]["byol_ratio"] is runs["lightly-byol"]["byol_ratio"] is runs["rela-20"]["memory_ratio"] is None
     # ReLA at 10 % trains on a tenth of the images per epoch, plus a bank: well under BYOL-full's FLOPs
     assert runs["rela-10"]["cost_flops_ratio"] < 0.5 and runs["rela-10"]["bank_flops"] > 0
     for name in ("rela-10", "rela-20", "rela-50", "rela-20-stream"):
