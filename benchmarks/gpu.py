@@ -105,6 +105,7 @@ RUNS = {
 QUICK = ("bare", "byol-full", "rela-20", "lightly-byol", "byol-full-stream")
 BASE, PEER = "byol-full", "lightly-byol"
 ACCURACY = ("knn_top1", "knn20_top1", "linear_top1")
+FORMAT = 2  # of the results file: raised when a run's measured fields change (an older file is not resumed)
 
 
 def fashion_mnist_rgb32(split: str, root=None, **_) -> ImageDataset:
@@ -526,7 +527,8 @@ def markdown(report: dict) -> str:
 
 def settings(args, device: str) -> dict:
     """What the stored runs depend on: a file made under other settings is not resumed."""
-    return {"device": torch.cuda.get_device_name(device) if device == "cuda" else "CPU", "mode": args.mode,
+    return {"format": FORMAT, "device": torch.cuda.get_device_name(device) if device == "cuda" else "CPU",
+            "mode": args.mode,
             "torch": torch.__version__, **{k: getattr(args, k) for k in (
                 "backbone", "switch", "compile", "epochs", "batch_size", "train_limit", "test_limit", "linear_epochs",
                 "workers", "warmup_steps", "profile_steps", "sync_steps", "bare_warmup", "bare_steps")}}
@@ -544,6 +546,7 @@ def run_all(args) -> dict:
             raise SystemExit(f"{json_path} holds runs made under other settings ({stored.get('settings')}); "
                              "pass --fresh to start over, or another --results")
         report = {**stored, "runs": {r["run"]: r for r in stored["runs"]}}
+        derive(report["runs"])
     names = args.runs or (QUICK if args.mode == "quick" else list(RUNS))
     png = None
     if any(RUNS[n][3] == "stream" for n in names if n not in report["runs"]):
