@@ -31,6 +31,8 @@ runs stored under the same settings, ``--fresh`` starts over):
 - ``images_per_second``: training images over wall-clock seconds in the steady state, from step
   ``--warmup-steps`` (at most half the run) to the end, the device synchronised at both ends;
   ``bare_share`` and ``lightly_ratio``: that rate over the bare step's and over lightly's;
+  ``byol_ratio``: a rela run's over BYOL-full's on the same data path; ``memory_ratio``: a stream
+  run's over the same run on the memory path;
 - ``gpu_busy_fraction``: seconds with a CUDA kernel running over wall seconds in a profiled window
   of ``--profile-steps`` steps after the warm-up (None off CUDA);
 - ``data_wait_fraction``: share of the steps' wall time spent waiting for the next batch;
@@ -103,6 +105,7 @@ RUNS = {
 QUICK = ("bare", "byol-full", "rela-20", "lightly-byol", "byol-full-stream")
 BASE, PEER = "byol-full", "lightly-byol"
 ACCURACY = ("knn_top1", "knn20_top1", "linear_top1")
+FORMAT = 2  # of the results file: raised when a run's measured fields change (an older file is not resumed)
 
 
 def fashion_mnist_rgb32(split: str, root=None, **_) -> ImageDataset:
@@ -163,7 +166,8 @@ class Meter:
     SYNC_WARNING = "synchronizing CUDA operation"  # what torch warns on each sync in sync debug mode "warn"
 
     def __init__(self, device, warmup: int, profile_steps: int, sync_steps: int = 20):
-        self.device, self.warmup, self.profile_steps, self.sync_steps = torch.device(device), warmup, profile_steps, sync_steps
+        self.device, self.warmup = torch.device(device), warmup
+        self.profile_steps, self.sync_steps = profile_steps, sync_steps
         self.cuda = self.device.type == "cuda"
         self.profiler = self.catcher = None
         self.t0 = self.seconds = self.images0 = self.images = self.busy = self.kernels = self.peak_gb = None
@@ -246,7 +250,8 @@ def _kernel_seconds(profiler) -> float:
 
 class WaitClock:
     """rela's StepMetrics definition of data wait, for the plain loops: the time from the end of one
-    step to the start of the next (fetching the batch) over the loop's wall time."""
+    step to the start of the next (fetching the batch) over the loop's wall time. The Meter's calls
+    sit inside the steps, so its synchronisations never count as waiting for data."""
 
     def __init__(self):
         self.wait = self.busy = 0.0
@@ -348,16 +353,16 @@ def bare_run(args, device: str) -> dict:
     meter, clock = Meter(device, args.bare_warmup, args.profile_steps, args.sync_steps), WaitClock()
     meter.start(total)
     for step in range(total):
-        meter.before_step(step, step * b)
         clock.fetched()  # the views are already there: the wait is the loop's own
+        meter.before_step(step, step * b)
         with autocast(device):
             loss = method(views, labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         method.update_momentum(step, total)
-        clock.stepped()
         meter.after_step(step + 1)
+        clock.stepped()
     meter.finish(total * b, total)
     return {**meter.record(), "steps": total, "images_seen": total * b, "flops_per_image": per_image,
             "data_wait_fraction": clock.fraction(), "precision": precision(device)}
@@ -437,8 +442,8 @@ def lightly_run(args, device: str, png: Path) -> dict:
             optimizer.step()
             optimizer.zero_grad()
             step += 1
-            clock.stepped()
             meter.after_step(step)
+            clock.stepped()
     images = step * args.batch_size
     meter.finish(images, step)
     save_peer_run(args, model.backbone, dim, stats)
@@ -470,10 +475,16 @@ def derive(runs: dict) -> None:
     def rate(name):
         return (runs.get(name) or {}).get("images_per_second")
 
+    def over(name, other):
+        return runs[name]["images_per_second"] / rate(other) if rate(other) else None
+
     base = runs.get(BASE)
     for name, r in runs.items():
-        r["bare_share"] = r["images_per_second"] / rate("bare") if rate("bare") else None
-        r["lightly_ratio"] = r["images_per_second"] / rate(PEER) if rate(PEER) else None
+        r["bare_share"], r["lightly_ratio"] = over(name, "bare"), over(name, PEER)
+        stream = name.endswith("-stream")
+        # the issue's targets: ReLA's rate over BYOL's on the same data path; the stream path over the memory path
+        r["byol_ratio"] = over(name, f"{BASE}-stream" if stream else BASE) if r["kind"] == "rela" else None
+        r["memory_ratio"] = over(name, name.removesuffix("-stream")) if stream else None
         r["tflops_per_second"] = r["flops_per_image"] * r["images_per_second"] / 1e12
         trains = r["kind"] != "bare"  # the bare step trains nothing: no training cost, no accuracy
         r["cost_seconds"] = r["fit_seconds"] + r["bank_seconds"] if trains else None
@@ -490,17 +501,20 @@ def markdown(report: dict) -> str:
 
     lines = [f"# GPU benchmark: {s['device']} ({s['mode']}; {s['backbone']}, batch {s['batch_size']}, "
              f"{s['epochs']} epochs, compile={s['compile']})", "",
-             "| run | data path | images/s | x bare step | x lightly | GPU busy | data wait | TFLOP/s | kernels/step "
-             "| syncs/step | peak GB | k-NN top-1 | linear top-1 | cost s (x BYOL) | cost PFLOP (x BYOL) | switch step |",
-             "|" + "---|" * 16]
+             "| run | data path | images/s | x bare step | x lightly | x BYOL-full | x memory path | GPU busy | data wait | TFLOP/s | kernels/step "
+             "| syncs/step | peak GB | k-NN top-1 | linear top-1 | cost s (x BYOL) | cost PFLOP (x BYOL) "
+             "| switch step |",
+             "|" + "---|" * 18]
     for name, r in report["runs"].items():
         cost_s = "-" if r["cost_seconds"] is None else f"{r['cost_seconds']:.1f} ({f(r['cost_seconds_ratio'], '.2f')})"
         cost_f = "-" if r["cost_flops"] is None else f"{r['cost_flops'] / 1e15:.3g} ({f(r['cost_flops_ratio'], '.2f')})"
         lines.append(f"| {name} | {r['data_path']} | {f(r['images_per_second'], '.0f')} | {f(r['bare_share'], '.2f')} "
-                     f"| {f(r['lightly_ratio'], '.2f')} | {f(r['gpu_busy_fraction'], '.2f')} "
+                     f"| {f(r['lightly_ratio'], '.2f')} | {f(r['byol_ratio'], '.2f')} "
+                     f"| {f(r['memory_ratio'], '.2f')} | {f(r['gpu_busy_fraction'], '.2f')} "
                      f"| {f(r['data_wait_fraction'], '.3f')} | {f(r['tflops_per_second'], '.2f')} "
                      f"| {f(r['kernels_per_step'], '.0f')} | {f(r['host_syncs_per_step'], '.1f')} "
-                     f"| {f(r['peak_gpu_memory_gb'], '.2f')} | {f(r['knn_top1'], '.3f')} | {f(r['linear_top1'], '.3f')} "
+                     f"| {f(r['peak_gpu_memory_gb'], '.2f')} | {f(r['knn_top1'], '.3f')} "
+                     f"| {f(r['linear_top1'], '.3f')} "
                      f"| {cost_s} | {cost_f} | {f(r['switch_step'], 'd')} |")
     return "\n".join(lines + [
         "", "images/s: steady state (after the warm-up steps), wall clock. bare step: rela's BYOL network, AdamW "
@@ -513,7 +527,8 @@ def markdown(report: dict) -> str:
 
 def settings(args, device: str) -> dict:
     """What the stored runs depend on: a file made under other settings is not resumed."""
-    return {"device": torch.cuda.get_device_name(device) if device == "cuda" else "CPU", "mode": args.mode,
+    return {"format": FORMAT, "device": torch.cuda.get_device_name(device) if device == "cuda" else "CPU",
+            "mode": args.mode,
             "torch": torch.__version__, **{k: getattr(args, k) for k in (
                 "backbone", "switch", "compile", "epochs", "batch_size", "train_limit", "test_limit", "linear_epochs",
                 "workers", "warmup_steps", "profile_steps", "sync_steps", "bare_warmup", "bare_steps")}}
@@ -531,6 +546,7 @@ def run_all(args) -> dict:
             raise SystemExit(f"{json_path} holds runs made under other settings ({stored.get('settings')}); "
                              "pass --fresh to start over, or another --results")
         report = {**stored, "runs": {r["run"]: r for r in stored["runs"]}}
+        derive(report["runs"])
     names = args.runs or (QUICK if args.mode == "quick" else list(RUNS))
     png = None
     if any(RUNS[n][3] == "stream" for n in names if n not in report["runs"]):
@@ -572,7 +588,8 @@ def main(argv=None) -> None:
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--linear-epochs", type=int, default=50)
     p.add_argument("--compile", action="store_true", help="torch.compile rela's backbone")
-    p.add_argument("--switch", default="adaptive", help="the ReLA runs' switch (pinned: comparable across rela versions)")
+    p.add_argument("--switch", default="adaptive",
+                   help="the ReLA runs' switch (pinned, not rela's default: comparable across rela versions)")
     p.add_argument("--warmup-steps", type=int, default=20, help="steps before the timed and profiled window")
     p.add_argument("--profile-steps", type=int, default=20, help="steps profiled (GPU busy, kernels per step)")
     p.add_argument("--sync-steps", type=int, default=20, help="steps after those whose host syncs are counted")

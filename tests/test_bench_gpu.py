@@ -19,12 +19,12 @@ import torch
 from conftest import make_fashion_root
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
-sys.path.insert(0, str(SCRIPT.parent))  # the benchmark's Meter, for the CUDA test below
 ALL_RUNS = ["bare", "byol-full", "rela-20", "lightly-byol", "byol-full-stream", "rela-10", "rela-50", "rela-20-stream"]
 # what the issue asks of every run: rate, share of the bare step, lightly ratio, GPU busy, data wait,
 # TFLOP/s, peak memory, accuracy, cost as seconds and as FLOPs
-FIELDS = {"images_per_second", "bare_share", "lightly_ratio", "gpu_busy_fraction", "data_wait_fraction",
-          "tflops_per_second", "flops_per_image", "kernels_per_step", "host_syncs_per_step", "peak_gpu_memory_gb", "knn_top1", "linear_top1",
+FIELDS = {"images_per_second", "bare_share", "lightly_ratio", "byol_ratio", "memory_ratio", "gpu_busy_fraction", "data_wait_fraction",
+          "tflops_per_second", "flops_per_image", "kernels_per_step", "host_syncs_per_step", "peak_gpu_memory_gb",
+          "knn_top1", "linear_top1",
           "cost_seconds", "cost_flops", "cost_seconds_ratio", "cost_flops_ratio", "fit_seconds", "steps",
           "images_seen", "precision", "switch_step", "kind", "data_path"}
 
@@ -100,6 +100,11 @@ def test_every_run_kind_reports_every_figure(bench):
         assert 0 <= run["knn_top1"] <= 1 and 0 <= run["linear_top1"] <= 1
         assert run["cost_seconds"] >= run["fit_seconds"] > 0 and run["cost_flops"] > 0
     assert runs["byol-full"]["cost_seconds_ratio"] == 1.0 and runs["byol-full"]["cost_flops_ratio"] == 1.0
+    rate = {name: run["images_per_second"] for name, run in runs.items()}
+    assert runs["rela-20"]["byol_ratio"] == pytest.approx(rate["rela-20"] / rate["byol-full"])
+    assert runs["rela-20-stream"]["byol_ratio"] == pytest.approx(rate["rela-20-stream"] / rate["byol-full-stream"])
+    assert runs["rela-20-stream"]["memory_ratio"] == pytest.approx(rate["rela-20-stream"] / rate["rela-20"])
+    assert runs["bare"]["byol_ratio"] is runs["lightly-byol"]["byol_ratio"] is runs["rela-20"]["memory_ratio"] is None
     # ReLA at 10 % trains on a tenth of the images per epoch, plus a bank: well under BYOL-full's FLOPs
     assert runs["rela-10"]["cost_flops_ratio"] < 0.5 and runs["rela-10"]["bank_flops"] > 0
     for name in ("rela-10", "rela-20", "rela-50", "rela-20-stream"):
@@ -126,8 +131,9 @@ def test_fresh_discards_the_stored_runs_and_other_settings_are_refused(bench):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_the_meter_counts_kernels_and_host_syncs_on_cuda():
+def test_the_meter_counts_kernels_and_host_syncs_on_cuda(monkeypatch):
     """What the GPU figures rest on: a loop with an ``.item()`` per step shows one host sync per step more."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     from gpu import Meter
 
     x = torch.randn(256, 256, device="cuda")
