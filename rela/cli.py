@@ -159,7 +159,7 @@ def _study_data(args, needs_labels: bool):
 
     cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, train_limit=args.train_limit,
                       test_limit=args.test_limit, backbone=args.backbone, data_mode=args.data_mode,
-                      labels=args.labels).validate()
+                      labels=args.labels, progress=args.progress).validate()
     if needs_labels:
         require_labels(cfg, "diagnose (its k-NN scores class labels; rank-priors is label-free)")
     mode = choose_data_mode(cfg)[0]  # a set too large for memory: features come through the streamed bank path
