@@ -1,13 +1,14 @@
 # make demo: set up .venv + Fashion-MNIST, then BYOL vs ReLA+BYOL at a reduced budget.
 # make test: the same set-up, then the test suite.
-# make readme-tables: the README's measured tables, regenerated from benchmarks/results/*.json.
+# make readme-tables: the measured blocks of README.md and docs/, regenerated from benchmarks/results/*.json.
+# make docs: the documentation site, built offline and strictly into site/ (MkDocs; a stale block or broken link fails).
 # make mutation: mutation testing (not in CI; about an hour on 2 shared cores), see benchmarks/results/mutation.md.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data demo test readme-tables clean bench-gpu mutation
+.PHONY: setup data demo test readme-tables docs clean bench-gpu mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ test: setup data
 readme-tables: setup
 	$(BIN)/python benchmarks/readme_tables.py
 
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
 # mutmut over rela/targets.py and rela/accelerator.py against their unit tests ([tool.mutmut] in
 # pyproject.toml; mutants/ is a scratch copy), then the hand-written mutants of the training step
 mutation: setup
@@ -37,10 +41,13 @@ mutation: setup
 	$(BIN)/mutmut results
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/mutation_train.py --json mutants/train.json
 
-# GPU benchmark, offline: the 4 Fashion-MNIST .gz files in FMNIST (an ignored folder carried with the tree)
+# GPU benchmark, offline: the 4 Fashion-MNIST .gz files in FMNIST (an ignored folder carried with the tree);
+# resumes a stopped benchmark (FRESH=--fresh starts over). On a lent GPU: bash benchmarks/gpu_check.sh (--quick).
+# BENCH_PYTHON=python3 where there is no .venv (a lent GPU machine).
 FMNIST ?= data/fashion-mnist
+BENCH_PYTHON ?= $(BIN)/python
 bench-gpu:
-	$(BIN)/python benchmarks/gpu.py --data-root $(FMNIST)
+	$(BENCH_PYTHON) benchmarks/gpu.py --data-root $(FMNIST) $(FRESH)
 
 clean:
-	rm -rf runs .cache .pytest_cache
+	rm -rf runs .cache .pytest_cache site

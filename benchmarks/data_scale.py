@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, ResultsFile, add_output_args, command, table_head, write_report
+from common import BENCH_SWITCH, REPO, ResultsFile, add_output_args, command, table_head, write_report
 
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 IMAGENET = 1_281_167
@@ -151,7 +151,7 @@ def measured_run(config: dict, work: Path) -> dict:
 
 def run_config(args, folder: Path, out: Path, cache: Path, mode: str) -> dict:
     return {"dataset": f"imagefolder:{folder}", "image_size": args.image_size, "backbone": "convnet",
-            "method": "byol", "prior": "random", "ratio": args.ratio, "epochs": 1, "batch_size": args.batch_size,
+            "method": "byol", "prior": "random", "switch": BENCH_SWITCH, "ratio": args.ratio, "epochs": 1, "batch_size": args.batch_size,
             "data_mode": mode, "num_workers": args.workers, "probe_every": 0, "progress": False,
             "checkpoint_every": 0, "out": str(out), "cache_dir": str(cache), "seed": 0}
 

@@ -6,14 +6,14 @@
 
 The cell is the 20% budget of Table 1 (benchmarks/table1.py): Fashion-MNIST, convnet learner, batch 256,
 BYOL + ReLA with a random prior, a fresh 20% of the images in each of E = 4 epochs (184 optimizer steps).
-Rows: ``defaults`` (rela's TrainConfig defaults), ``authors`` (rela/presets/authors.yaml, every deviation at
+Rows: ``defaults`` (rela's TrainConfig defaults, switch BENCH_SWITCH unless --switch), ``authors`` (rela/presets/authors.yaml, every deviation at
 once) and one row per deviation switched on alone over the defaults (DEVIATIONS: which preset fields
 it sets). Every run is evaluated on the test split (k-NN 200 and 20, linear probe); finished runs are kept
 in fidelity.json and skipped, so the grid runs in pieces. Writes fidelity.json / .md under --results
 (fidelity_<switch>.* with --switch, e.g. fidelity_constant0.75.*; fidelity_val<N>.* with --holdout N;
 fidelity_e<E>_... off the 4-epoch cell, e.g. fidelity_e32_soft-plateau_val10000.*).
 
-With rela's and the authors' adaptive switch nothing hands over within 184 steps (see the Table 1 notes), so
+With the benchmarks' (common.BENCH_SWITCH) and the authors' adaptive switch nothing hands over within 184 steps (see the Table 1 notes), so
 the rows that change only the base method's phase (constant-momentum, byol-hidden-256, switch-aug-next-epoch)
 can differ from `defaults` only by noise; ``--switch constant:0.75`` (Table 1's switch) measures them.
 """
@@ -24,8 +24,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import (ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown, table_head,
-                    write_report)
+from common import (BENCH_SWITCH, ResultsFile, add_output_args, command, config, fmt, mean_std, run_cell, shown,
+                    table_head, write_report)
 from rela.config import TrainConfig
 from rela.registry import PRESETS
 
@@ -54,8 +54,8 @@ def cell_parser(script: str, doc: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=4, help="E, the epochs of BYOL-full")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--switch", default=None, help="switch of every run (default: rela's default, adaptive, "
-                                                   "which is also the authors')")
+    p.add_argument("--switch", default=None, help="switch of every run (default: BENCH_SWITCH, adaptive, the "
+                                                   "authors' rule, which the committed results used)")
     add_output_args(p, runs=Path(script).stem)
     p.add_argument("--train-limit", type=int, default=None, help="smoke tests: use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="smoke tests: evaluate on the first N test images")
@@ -169,7 +169,7 @@ def report(args, results: ResultsFile) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    results = results_file(args, __file__, {"ratio": args.ratio, "switch": args.switch or TrainConfig().switch,
+    results = results_file(args, __file__, {"ratio": args.ratio, "switch": args.switch or BENCH_SWITCH,
                                            "preset": preset_fields()},
                            holdout=args.holdout)
     if not args.report_only:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import add_output_args, environment, table_head, write_report
+from common import BENCH_SWITCH, add_output_args, environment, table_head, write_report
 from rela.config import TrainConfig
 from rela.io import save_json
 
@@ -47,7 +47,7 @@ def parse_args():
 
 def config(size: int, batch_size: int, workdir: Path) -> TrainConfig:
     return TrainConfig(dataset="fashion-mnist", train_limit=size, backbone="convnet", method="byol",
-                       prior="random", epochs=1, batch_size=batch_size, probe_every=0, progress=False,
+                       prior="random", switch=BENCH_SWITCH, epochs=1, batch_size=batch_size, probe_every=0, progress=False,
                        checkpoint_every=0, accelerator="cpu", out=str(workdir / "run"),
                        cache_dir=str(workdir / "cache"))
 

@@ -11,7 +11,8 @@ import dataclasses
 import json
 import sys
 
-from rela.config import MOMENTUM_AFTER_SWITCH, RELA_AUGMENTS, SWITCH_AUG_AT, TRANSFER_HEADS, TrainConfig, read_yaml
+from rela.config import (DEFAULT_WHY, MOMENTUM_AFTER_SWITCH, RELA_AUGMENTS, SWITCH_AUG_AT, TRANSFER_HEADS, TrainConfig,
+                         read_yaml)
 from rela.console import console_scope
 from rela.errors import RelaError
 from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LOGGERS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES,
@@ -81,10 +82,16 @@ TRAIN_FLAGS = {
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help=f"a shipped configuration, under --config and flags: {PRESETS.choices_help()}")
     p.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
+    defaults = TrainConfig()
     for flag, (kind, help_text) in TRAIN_FLAGS.items():
+        field = flag[2:].replace("-", "_")
         if isinstance(help_text, Registry):
-            default = getattr(TrainConfig(), flag[2:].replace("-", "_"))
-            help_text = f"one of: {help_text.choices_help()}. Default: {default}"
+            help_text = f"one of: {help_text.choices_help()}. Default: {getattr(defaults, field)}"
+        if field in DEFAULT_WHY:  # the evidence behind the default, so a user can judge whether to change it
+            why = DEFAULT_WHY[field].replace("%", "%%")  # argparse formats help with %
+            help_text = (help_text if isinstance(help_text, str) and "Default:" in help_text
+                         else f"{help_text}. Default: {getattr(defaults, field)}")
+            help_text += f" (why: {why})"
         p.add_argument(flag, type=kind, default=None, help=help_text)
     p.add_argument("--download", action="store_true", default=None, help="allow torchvision to download CIFAR")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoints/last.ckpt")

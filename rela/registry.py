@@ -96,6 +96,10 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._all())
 
+    def entries(self) -> list[Entry]:
+        """Every entry, in registration order (the docs' table of names is generated from these)."""
+        return list(self._all().values())
+
     def usages(self) -> list[str]:
         """How each name is written, with its argument: ``random[:ARCH]``, ``checkpoint:PATH``."""
         return [e.usage for e in self._all().values()]
