@@ -31,10 +31,9 @@ TRAIN_FLAGS = {
     "--num-workers": (int, "stream mode: DataLoader worker processes (default: cores - 1, at most 8)"),
     "--prefetch-factor": (int, "stream mode: batches each worker prepares ahead (default 2)"),
     "--augment-on": (str, "stream mode: device (default: workers decode, the training device augments whole batches as in memory mode) | workers (workers also augment each sample, torchvision v2)"),
-    "--labels": (str, "auto | folders | none: how imagefolder:DIR is labelled. auto (default, so both common "
-                      "layouts work without a flag): one sub-folder per class, or unlabelled when images sit "
-                      "directly in DIR; folders: require class folders; none: every image under DIR, unlabelled "
-                      "(nested folders that are not classes)"),
+    "--labels": (str, "auto | folders | none: how imagefolder:DIR is labelled; auto: one sub-folder per class, "
+                      "or unlabelled when images sit directly in DIR; folders: require class folders; none: every "
+                      "image under DIR, unlabelled (nested folders that are not classes)"),
     "--holdout": (int, "validation mode: train without the last N training images and evaluate on them"),
     "--backbone": (str, BACKBONES),
     "--method": (str, METHODS),
