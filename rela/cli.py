@@ -31,10 +31,9 @@ TRAIN_FLAGS = {
     "--num-workers": (int, "stream mode: DataLoader worker processes (default: cores - 1, at most 8)"),
     "--prefetch-factor": (int, "stream mode: batches each worker prepares ahead (default 2)"),
     "--augment-on": (str, "stream mode: device (default: workers decode, the training device augments whole batches as in memory mode) | workers (workers also augment each sample, torchvision v2)"),
-    "--labels": (str, "auto | folders | none: how imagefolder:DIR is labelled. auto (default, so both common "
-                      "layouts work without a flag): one sub-folder per class, or unlabelled when images sit "
-                      "directly in DIR; folders: require class folders; none: every image under DIR, unlabelled "
-                      "(nested folders that are not classes)"),
+    "--labels": (str, "auto | folders | none: how imagefolder:DIR is labelled; auto: one sub-folder per class, "
+                      "or unlabelled when images sit directly in DIR; folders: require class folders; none: every "
+                      "image under DIR, unlabelled (nested folders that are not classes)"),
     "--holdout": (int, "validation mode: train without the last N training images and evaluate on them"),
     "--backbone": (str, BACKBONES),
     "--method": (str, METHODS),
@@ -166,7 +165,7 @@ def _study_data(args, needs_labels: bool):
 
     cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, train_limit=args.train_limit,
                       test_limit=args.test_limit, backbone=args.backbone, data_mode=args.data_mode,
-                      labels=args.labels).validate()
+                      labels=args.labels, progress=args.progress).validate()
     if needs_labels:
         require_labels(cfg, "diagnose (its k-NN scores class labels; rank-priors is label-free)")
     mode = choose_data_mode(cfg)[0]  # a set too large for memory: features come through the streamed bank path

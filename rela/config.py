@@ -66,6 +66,8 @@ DEFAULT_WHY = {
     "method": "byol: the base method of the paper's Table 1 and of every Table 1 row here",
     "probe_every": "one k-NN probe per epoch draws the accuracy-vs-cost curve in metrics.json (0 turns it off)",
     "checkpoint_every": "200 steps bounds the work a kill loses (kill_resume.json: resumed runs match exactly)",
+    "labels": "both common layouts then train without a flag: class sub-folders, or images directly in the "
+              "folder (unlabelled)",
     "augment_on": "device: a stream run then trains bit for bit as the memory-mode run (a test), workers only decode",
 }
 

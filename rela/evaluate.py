@@ -112,10 +112,10 @@ def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data
     backbone = build_saved_backbone(blob)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
-    cfg.data_root, cfg.download = data_root or cfg.data_root, False
+    cfg.data_root, cfg.download, cfg.progress = data_root or cfg.data_root, False, progress
     metrics = load_json(metrics_file) if metrics_file.is_file() else {}
-    # the data mode training used: a set too large for memory is evaluated from its files too
     require_labels(cfg, "rela eval (its k-NN and linear probes score class labels)")
+    # the data mode training used: a set too large for memory is evaluated from its files too
     mode = metrics.get("data_mode") or choose_data_mode(cfg)[0]
     train = load_data(cfg, "train", mode)
     if cfg.holdout is None and has_test_split(cfg.dataset) is False:

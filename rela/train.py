@@ -494,7 +494,8 @@ def _check_checkpoint_fits(path: Path, module: ReLAModule) -> None:
     except RelaError as e:  # a planted payload, truncated, not a torch file: nothing of it ran
         raise RelaError(f"cannot resume: {e}; delete it to start over") from None
     except (TypeError, KeyError):
-        raise RelaError(f"cannot resume from {path}: not a checkpoint of 'rela train'; delete it to start over") from None
+        raise RelaError(f"cannot resume from {path}: not a checkpoint of 'rela train'; "
+                        "delete it to start over") from None
     expected = module.state_dict()
     problems = [f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} here"
                 for k, v in expected.items() if k in saved and saved[k].shape != v.shape]

@@ -19,6 +19,7 @@ from rela.cli import main
 from rela.data import load_dataset
 from rela.data.files import image_folder
 from rela.errors import RelaError
+from rela.registry import METHODS
 
 
 def pattern(i: int, size: int = 16) -> np.ndarray:
@@ -105,6 +106,16 @@ def test_unlabelled_folder_trains_byol_in_memory_mode(tmp_path, capsys, prior):
     stdout = capsys.readouterr().out
     assert stdout.count("probe: off") == 1 and "has no labels: images directly in the folder" in stdout
     assert (m["rela_steps"] > 0) == (prior == "random")
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS.names() if m != "supervised"])
+def test_every_ssl_method_trains_on_unlabelled_data(tmp_path, method):
+    root, out = flat_folder(tmp_path / "flat", n=32), tmp_path / "run"
+    # constant:0.5: the first epoch distils the prior, the second runs the method's own loss
+    run_ok(train_args(root, out, "--method", method, "--prior", "random", "--switch", "constant:0.5",
+                      "--data-mode", "memory"))
+    m = read_metrics(out)
+    assert m["steps"] == 2 and m["switch_step"] == 1
 
 
 def test_unlabelled_folder_trains_in_stream_mode_with_a_prior(tmp_path):

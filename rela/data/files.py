@@ -19,6 +19,10 @@ every file's content instead.
 byte offset, byte size, label per sample), written by ``rela shard``. The index gives
 random access by sample number (``os.pread`` at an offset), which the per-epoch random
 subset needs; the tars stay plain WebDataset shards any WebDataset pipeline reads.
+
+**Unlabelled folders** (``labels``: :func:`unlabelled_reason`): images directly in the folder, or
+``labels="none"``, index every image under it, recursively, with no classes and every label -1
+(:data:`NO_LABEL`); their shards hold ``KEY.<ext>`` alone (no ``.cls``) and index.json says why.
 """
 
 from __future__ import annotations
