@@ -1,8 +1,8 @@
-"""benchmarks/table1.py end to end on a tiny slice, and the README blocks made from committed results.
+"""benchmarks/table1.py end to end on a tiny slice, and the README / docs blocks made from committed results.
 
 Every requested cell runs once, resumes, reports; a scratch run writes only under its --results and
---runs-dir (not the working directory, not README.md); ``benchmarks/readme_tables.py`` is what
-regenerates the README's measured blocks, and the committed README matches the committed results.
+--runs-dir (not the working directory, not README.md or docs/); ``benchmarks/readme_tables.py`` is what
+regenerates the measured blocks of README.md and docs/*.md, and the committed pages match the committed results.
 """
 
 import importlib
@@ -42,9 +42,13 @@ def _bench(tmp_path, *extra):
                    "--runs-dir", tmp_path / "runs", *extra, cwd=tmp_path / "cwd")
 
 
+def pages() -> list[Path]:
+    """The pages that hold measured blocks (README.md, docs/results.md, ...)."""
+    return [REPO / page for page in _benchmark("readme_tables").PAGES]
+
+
 def test_table1_grid_runs_resumes_and_reports_without_touching_the_readme(tmp_path):
-    readme = REPO / "README.md"
-    readme_before = (readme.read_bytes(), readme.stat().st_mtime_ns)
+    pages_before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in pages()]
     done = _bench(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((tmp_path / "res" / "table1_e1.json").read_text())
@@ -72,9 +76,9 @@ def test_table1_grid_runs_resumes_and_reports_without_touching_the_readme(tmp_pa
     assert "## Headline (computed)" in md and "BYOL-full (100%)" in md and "0. No training (floor)" in md
     assert "No training (row 0, the floor)" in md and "of the floor-to-full headroom" in md
     assert (tmp_path / "res" / "table1_e1_cost.png").stat().st_size > 0
-    # a scratch run writes only where it was told: nothing in the working directory, README untouched
+    # a scratch run writes only where it was told: nothing in the working directory, README and docs untouched
     assert list((tmp_path / "cwd").iterdir()) == []
-    assert (readme.read_bytes(), readme.stat().st_mtime_ns) == readme_before
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in pages()] == pages_before
     before = (tmp_path / "res" / "table1_e1.json").read_text()
     assert _bench(tmp_path).returncode == 0  # every cell is already in the JSON: nothing reruns
     assert json.loads((tmp_path / "res" / "table1_e1.json").read_text())["runs"] == json.loads(before)["runs"]
@@ -113,29 +117,57 @@ def test_committed_readme_blocks_match_committed_results(tmp_path):
     assert done.returncode == 0, done.stderr + done.stdout
 
 
+def copy_pages(root: Path) -> dict[str, str]:
+    """The pages with blocks, copied into ``root`` at their places; returns name -> committed text."""
+    texts = {}
+    for page in pages():
+        name = page.relative_to(REPO).as_posix()
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        texts[name] = page.read_text()
+        (root / name).write_text(texts[name])
+    return texts
+
+
 def test_readme_tables_regenerates_only_the_marked_blocks(tmp_path):
-    text = (REPO / "README.md").read_text()
-    stale = text.replace("; BYOL-full: k-NN", "; BYOL-full: k-NN 99.9 stale;", 1)  # the Table 1 headline
-    stale = stale.replace("| vicreg | 73.5 |", "| vicreg | 11.1 |", 1)
-    assert "99.9 stale" in stale and "| vicreg | 11.1 |" in stale
-    results = tmp_path / "benchmarks" / "results"  # the checkout's layout, so the README's links match
+    texts = copy_pages(tmp_path)
+    stale = {
+        # the README's short headline table (row 3 at the first budget)
+        "README.md": texts["README.md"].replace("| 3. ReLA, random-init prior (same arch) | 81.4 /",
+                                                "| 3. ReLA, random-init prior (same arch) | 11.1 /", 1),
+        # the Table 1 headline and the methods table, in the results page
+        "docs/results.md": texts["docs/results.md"].replace("; BYOL-full: k-NN", "; BYOL-full: k-NN 99.9 stale;", 1)
+                                                   .replace("| vicreg | 73.5 |", "| vicreg | 11.1 |", 1),
+    }
+    assert "| 11.1 /" in stale["README.md"] and "99.9 stale" in stale["docs/results.md"]
+    assert "| vicreg | 11.1 |" in stale["docs/results.md"]
+    for name, text in stale.items():
+        (tmp_path / name).write_text(text)
+    results = tmp_path / "benchmarks" / "results"  # the checkout's layout, so the pages' links match
     results.mkdir(parents=True)
-    for name in _benchmark("readme_tables").sources(BENCHMARKS / "results"):  # what the README's blocks read
+    for name in _benchmark("readme_tables").sources(BENCHMARKS / "results"):  # what the blocks read
         shutil.copy(BENCHMARKS / "results" / name, results)
-    readme = tmp_path / "README.md"
-    readme.write_text(stale)
-    assert _script("readme_tables.py", "--check", "--readme", readme, "--results", results, cwd=tmp_path).returncode == 1
-    assert readme.read_text() == stale  # --check changes nothing
-    done = _script("readme_tables.py", "--readme", readme, "--results", results, cwd=tmp_path)
+    args = ["--root", tmp_path, "--results", results]
+    done = _script("readme_tables.py", "--check", *args, cwd=tmp_path)
+    assert done.returncode == 1 and "README.md" in done.stderr and "docs/results.md" in done.stderr
+    assert all((tmp_path / name).read_text() == text for name, text in stale.items())  # --check changes nothing
+    done = _script("readme_tables.py", *args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert readme.read_text() == text
+    assert all((tmp_path / name).read_text() == text for name, text in texts.items())
 
 
 def test_readme_tables_names_a_missing_block(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text((REPO / "README.md").read_text().replace("<!-- methods-table:end -->", ""))
-    done = _script("readme_tables.py", "--readme", readme, cwd=tmp_path)
+    texts = copy_pages(tmp_path)
+    (tmp_path / "docs" / "results.md").write_text(texts["docs/results.md"].replace("<!-- methods-table:end -->", ""))
+    done = _script("readme_tables.py", "--root", tmp_path, cwd=tmp_path)
     assert done.returncode != 0 and "methods-table:end" in done.stderr
+    # every block lives in one page: the same block twice is named too
+    (tmp_path / "docs" / "results.md").write_text(texts["docs/results.md"])
+    (tmp_path / "docs" / "theory.md").write_text(texts["docs/theory.md"] + "\n<!-- methods-table:start -->\n"
+                                                 "<!-- methods-table:end -->\n")
+    done = _script("readme_tables.py", "--root", tmp_path, cwd=tmp_path)
+    assert done.returncode != 0 and "block methods-table" in done.stderr and "found in 2" in done.stderr
+
+
 
 
 def test_headroom_and_cost_are_relative_to_the_floor_and_byol_full():

@@ -11,7 +11,8 @@ from conftest import FASHION_MNIST_ROOT, needs_fmnist, read_metrics
 from PIL import Image
 
 from rela.cli import main
-from rela.demo import format_table, plot_cost_curves
+from rela.config import TrainConfig
+from rela.demo import format_table, handover_seconds, plot_cost_curves
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +66,27 @@ def test_plot_cost_curves_writes_a_png(runs, tmp_path):
         assert n > n_floor + 30, f"{label}: {n} pixels with its curve, {n_floor} with the legend alone"
 
 
+def test_the_plot_marks_each_hand_over_where_it_happened(runs, tmp_path):
+    marks = dict(plot_cost_curves(runs, tmp_path / "cost.png"))
+    handed_over = {label for label, m in runs.items() if m["switch_step"] is not None}
+    assert handed_over and set(marks) == handed_over  # constant:0.5 hands over; BYOL and the adaptive run do not
+    m = runs["ReLA (constant:0.5) + BYOL"]
+    # between the probes on either side of the switch step, on the run's cost axis (bank seconds first)
+    before = max((h for h in m["history"] if h["steps"] <= m["switch_step"]), key=lambda h: h["steps"],
+                 default={"train_seconds": 0.0})
+    after = min((h for h in m["history"] if h["steps"] >= m["switch_step"]), key=lambda h: h["steps"])
+    assert before["train_seconds"] <= handover_seconds(m) <= after["train_seconds"]
+    assert marks["ReLA (constant:0.5) + BYOL"] == pytest.approx(m["bank_seconds"] + handover_seconds(m))
+
+
 @needs_fmnist
-def test_demo_command_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
+def test_demo_command_end_to_end_hands_over_and_reruns(tmp_path, monkeypatch, capsys):
+    """A reduced demo (1024 images, 2 epochs of half of them: 4 steps of 256): with rela's default switch
+    (soft-plateau, whose time constants are fractions of the run) the ReLA run hands over to BYOL, as the full
+    demo's does; the adaptive rule could not within 2,400 steps."""
     monkeypatch.chdir(tmp_path)  # the demo caches banks under ./.cache/rela
     monkeypatch.delenv("RELA_DATA", raising=False)
-    args = ["demo", "--out", "demo", "--epochs", "1", "--ratio", "0.5", "--train-limit", "200",
+    args = ["demo", "--out", "demo", "--epochs", "2", "--ratio", "0.5", "--train-limit", "1024",
             "--data-root", str(FASHION_MNIST_ROOT), "--no-progress"]
     assert main(args) == 0
     first = capsys.readouterr().out
@@ -79,9 +96,15 @@ def test_demo_command_end_to_end_and_rerun(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "demo_summary.json").read_text())
     assert len(summary) == 2
     byol, rela = summary.values()
-    # the same budget for both: 1 epoch over round(0.5 * 200) images in one lowered batch
-    assert byol["steps"] == rela["steps"] == 1 and byol["images_seen"] == rela["images_seen"] == 100
+    # the same budget for both: 2 epochs over round(0.5 * 1024) images, 2 batches of 256 each
+    assert byol["steps"] == rela["steps"] == 4 and byol["images_seen"] == rela["images_seen"] == 1024
     assert byol["prior"] == "none" and rela["prior"] == "random"
+    # the hand-over: ReLA steps first, then BYOL's own loss on its own views
+    assert TrainConfig().switch == "soft-plateau"
+    assert rela["switch_step"] is not None and 0 < rela["switch_step"] < rela["steps"]
+    assert rela["rela_steps"] == rela["switch_step"] and rela["method_phase_images"] > 0
+    assert byol["switch_step"] is None
+    assert f"handed over to byol at step {rela['switch_step']} of 4 (switch soft-plateau" in first
     assert (out / "demo_summary.md").read_text().strip() == format_table(summary)
     assert format_table(summary) in first
     # a second call reuses the finished runs instead of training again

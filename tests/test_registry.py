@@ -1,7 +1,8 @@
-"""The registries: one source for names, --help, the README table and 'unknown X' errors."""
+"""The registries: one source for names, --help, the docs' tables of names and 'unknown X' errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from rela.errors import RelaError
 from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LOGGERS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES,
                            PRIORS, SWITCHES, Registry)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 # train flag -> (registry, TrainConfig field)
 FLAGS = {"--dataset": (DATASETS, "dataset"), "--backbone": (BACKBONES, "backbone"), "--method": (METHODS, "method"),
          "--prior": (PRIORS, "prior"), "--switch": (SWITCHES, "switch"), "--bank-dtype": (BANK_DTYPES, "bank_dtype"),
@@ -37,10 +38,15 @@ def help_of(flag: str, text: str) -> str:
     return options[start: next((s for s in starts if s > start), len(options))]
 
 
-def readme_row(flag: str) -> str:
-    rows = [line for line in README.read_text().splitlines() if line.startswith(f"| `{flag}` |")]
-    assert len(rows) == 1, f"README's table of names needs exactly one row for {flag}"
-    return rows[0]
+def names_section(flag: str) -> str:
+    """The section of ``flag`` in the table of names docs/gen_cli.py generates (docs/usage.md, docs/cli.md)."""
+    spec = importlib.util.spec_from_file_location("gen_cli", ROOT / "docs" / "gen_cli.py")
+    gen_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_cli)
+    text = gen_cli.render("names")
+    start = text.index(f"### `{flag}`\n")
+    end = text.find("\n### ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
 
 
 @pytest.mark.parametrize("flag", FLAGS)
@@ -54,11 +60,14 @@ def test_every_registered_name_is_in_train_help(capsys, flag):
 
 
 @pytest.mark.parametrize("flag", FLAGS)
-def test_every_registered_name_is_in_the_readme_table(flag):
-    registry, _ = FLAGS[flag]
-    row = readme_row(flag)
-    for usage in registry.usages():
-        assert f"`{usage}`" in row, f"README's {flag} row lacks `{usage}`"
+def test_every_registered_name_is_in_the_docs_table(flag):
+    registry, field = FLAGS[flag]
+    section = names_section(flag)
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == registry.usages()  # every name, once, in registration order
+    assert f"Default: `{getattr(TrainConfig(), field)}`" in section
+    for row, entry in zip(rows, registry.entries()):
+        assert entry.help.split()[0] in row  # with its description
 
 
 @pytest.mark.parametrize("flag", FLAGS)
