@@ -104,8 +104,8 @@ class StepProbe(Callback):
             self._prof.__enter__()
         self._start = time.perf_counter()
 
-    def on_train_end(self, trainer, module) -> None:
-        self._close()
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self._close()  # before the epoch's checkpoint (Lightning runs checkpoint callbacks after the others)
 
 
 def bare_step(phase: str, args, folder: Path):

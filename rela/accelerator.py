@@ -183,8 +183,8 @@ class Switch(nn.Module):
         self.switch_step.copy_(torch.where(mark, step, self.switch_step))
         self.switched.logical_or_(mark)
 
-    def metrics(self) -> dict[str, torch.Tensor]:
-        """What the switch watches, for the logs (device tensors: read only on the steps that log)."""
+    def metrics(self) -> dict[str, float]:
+        """What the switch watches, for the logs (it reads the device: the training step asks on the steps that log only)."""
         return {}
 
 
@@ -216,8 +216,8 @@ class AdaptiveSwitch(Switch):
         # decided at step t: the first base-method step (the hand-over) is t + 1 + LAG (the authors': t + 1)
         self.record_switch(progress.step + 1 + LAG, when=live & (rho >= self.threshold))
 
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"rho": self.rho}
+    def metrics(self) -> dict[str, float]:
+        return {"rho": float(self.rho)}
 
 
 class PlateauSwitch(Switch):
@@ -270,8 +270,14 @@ class PlateauSwitch(Switch):
     def weight(self, progress: Progress) -> float:
         return 1.0 if self.plateau(progress) is None else 0.0
 
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"plateau_best": self.best}  # inf until the first loss
+    def smoothed(self, progress: Progress) -> float:
+        """The bias-corrected EMA of the losses seen (NaN before the first); reads the device (not in the step)."""
+        seen = int(self.seen)
+        return float(self.ema) / (1 - self.decay(progress) ** seen) if seen else math.nan
+
+    def metrics(self) -> dict[str, float]:
+        best = float(self.best)
+        return {"plateau_best": best} if math.isfinite(best) else {}
 
 
 class SoftPlateauSwitch(PlateauSwitch):

@@ -172,7 +172,7 @@ def test_knn_monitor_from_the_python_api(tmp_path):
     memory = load_dataset("synthetic", "train", holdout=128)
     queries = load_dataset("synthetic", "test", holdout=128)
     monitor = KNNMonitor(memory, queries, every=2, k=5, name="val_knn", memory_images=40)
-    cfg = TrainConfig(dataset="synthetic", holdout=128, batch_size=32, ratio=0.3, epochs=3, probe_every=1,
+    cfg = TrainConfig(accelerator="cpu", dataset="synthetic", holdout=128, batch_size=32, ratio=0.3, epochs=3, probe_every=1,
                       out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), progress=False)
     m = train(cfg, callbacks=[monitor])
     # every=2 over 3 epochs: after epoch 2 and after the last; the default probe (every epoch) shares the records
