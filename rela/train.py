@@ -210,7 +210,7 @@ class ReLAModule(L.LightningModule):
                 logs.update(self.rela.switch.metrics())  # e.g. rho, after this step's loss went in
             self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
             self.log("loss", loss.detach(), on_step=True, on_epoch=False)
-            self.bar["loss"] = float(loss)  # the progress bar shows the loss as of the last step that logged
+            self.bar["loss"] = float(loss.detach())  # the progress bar shows the loss as of the last step that logged
         self._batch_images, self._batch_lam = len(index), lam
         return loss + monitor_loss
 
