@@ -24,7 +24,7 @@ from rela.targets import transport
 from rela.train import train
 
 TINY_CFG = dict(dataset="synthetic", backbone="convnet", batch_size=32, ratio=0.125, epochs=2, probe_every=0,
-                progress=False, checkpoint_every=0,  # 64 images per epoch: 2 steps of 32
+                progress=False, checkpoint_every=0, accelerator="cpu",  # 64 images per epoch: 2 steps of 32
                 switch="adaptive")  # cannot fire in 4 steps: ReLA-phase runs unless a test names a switch
 
 

@@ -182,7 +182,7 @@ def test_config_file_with_flag_overrides(tmp_path):
 def test_training_loop_draws_a_new_subset_every_epoch():
     """The trainer really calls set_epoch: each epoch iterates that epoch's subset, exactly once."""
     data = load_dataset("synthetic:200")
-    cfg = TrainConfig(dataset="synthetic:200", ratio=0.25, epochs=3, batch_size=10, seed=4, probe_every=0,
+    cfg = TrainConfig(accelerator="cpu", dataset="synthetic:200", ratio=0.25, epochs=3, batch_size=10, seed=4, probe_every=0,
                       progress=False)
     backbone, dim = build_backbone("convnet", 3, 16)
     module = train_module.ReLAModule(cfg, build_method("byol", backbone, dim, 10, hidden_dim=32, out_dim=16),

@@ -113,17 +113,23 @@ def _blend(a, b, factor):  # factor * a + (1 - factor) * b, per sample
 
 
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+# both matrices per device, copied once: inverting per batch checked the result for errors on the host
+# (a sync on a GPU), and a copy from pageable memory per batch waits for the device too
+_YIQ: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _hue_shift(x, shift):
     """Rotate the chroma plane of YIQ by ``shift`` turns: a linear map, so batchable."""
-    yiq = _RGB_TO_YIQ.to(x.device)
+    if x.device not in _YIQ:
+        _YIQ[x.device] = (_RGB_TO_YIQ.to(x.device), _YIQ_TO_RGB.to(x.device))
+    yiq, inv = _YIQ[x.device]
     angle = shift * 2 * math.pi
     cos, sin = torch.cos(angle), torch.sin(angle)
     rot = torch.zeros(x.shape[0], 3, 3, device=x.device)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    m = torch.linalg.inv(yiq) @ rot @ yiq  # N x 3 x 3
+    m = inv @ rot @ yiq  # N x 3 x 3
     return torch.einsum("nij,njhw->nihw", m, x).clamp_(0, 1)
 
 
