@@ -303,6 +303,7 @@ def test_fashion_mnist_slice(tmp_path, monkeypatch):
     run_ok(["train", "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST_ROOT),
             "--train-limit", "1000", "--test-limit", "500", "--epochs", "3", "--batch-size", "64",
             "--backbone", "convnet", "--prior", "random", "--probe-every", "0", "--no-progress",
+            "--switch", "adaptive", "--accelerator", "cpu",  # the figures below: 45 ReLA-phase steps on CPU
             "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     run_ok(["eval", str(out), *EVAL])
     m = check_finished_run(out, 3 * (1000 // 64), 64)
