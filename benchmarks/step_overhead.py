@@ -23,6 +23,7 @@ bar). ``--label before|after`` stores the figures under that label in ``step_ove
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from lightly.utils.scheduler import cosine_schedule
 from lightning.pytorch.callbacks import Callback
 from torch.profiler import ProfilerActivity, profile
 
-from common import ResultsFile, add_output_args, config, environment, median, table_head, write_report
+from common import ResultsFile, add_output_args, command, config, environment, median, table_head, write_report
 from rela.backbones import _convnet
 from rela.build import prepare
 from rela.data import Normalize
@@ -191,7 +192,8 @@ def main(argv=None) -> dict:
     add_output_args(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = ResultsFile(args.results / f"{args.name}.json", meta={"env": environment()})
+    results = ResultsFile(args.results / f"{args.name}.json", meta={"env": environment()},
+                          command=command(__file__, sys.argv[1:] if argv is None else list(argv)))
     results.runs = [r for r in results.runs if r["label"] != args.label]  # a label measured again replaces its rows
     with tempfile.TemporaryDirectory() as tmp:
         for phase in PHASES:
