@@ -84,3 +84,32 @@ def test_cuda_step_runs_under_sync_debug_error(name, tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert metrics["steps"] == STEPS and check.checked == 20
+
+
+class Lambdas(Callback):
+    def __init__(self):
+        self.lams: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.lams.append(module._batch_lam)
+
+
+# 128 steps (synthetic 512, convnet, batch 32, 8 epochs, random prior, seed 0): (first step at lambda < 1, the
+# hand-over). Before issue 26 the host read the switch's state at once: 69 / 8 / 8 -> 20 (measured on main at
+# 56240ab); reading it LAG = 1 step late, every hand-over comes one step later and soft-plateau's ramp is the same.
+HANDOVERS = {"adaptive:0.6": (70, 70), "plateau": (9, 9), "soft-plateau": (9, 21)}
+
+
+@pytest.mark.parametrize("spec", HANDOVERS)
+def test_hand_over_steps_of_a_128_step_run(spec, tmp_path):
+    from rela.config import TrainConfig
+
+    lams = Lambdas()
+    cfg = TrainConfig(dataset="synthetic", backbone="convnet", batch_size=32, ratio=1.0, epochs=8, prior="random",
+                      switch=spec, progress=False, probe_every=0, accelerator="cpu", seed=0,
+                      out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+    metrics = train(cfg, callbacks=[lams])
+    first_below, hand_over = HANDOVERS[spec]
+    assert len(lams.lams) == 128 and metrics["switch_step"] == hand_over
+    assert lams.lams.index(next(lam for lam in lams.lams if lam < 1)) == first_below
+    assert lams.lams.index(0.0) == hand_over and set(lams.lams[hand_over:]) == {0.0}
