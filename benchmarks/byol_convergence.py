@@ -81,7 +81,7 @@ def choose_e(runs: dict[int, list[dict]]) -> int | None:
 
 
 def table_lines(results: ResultsFile, seeds=(0, 1, 2)) -> list[str]:
-    """The curve and the chosen E, as markdown (the report's body and the README's block)."""
+    """The curve and the chosen E, as markdown (the report's body and the docs' block)."""
     curve = by_epochs(results, seeds={0})
     chosen = choose_e(curve)
     lines = ["| epochs | steps | seeds | k-NN(200) top-1 | k-NN(20) top-1 | linear top-1 | 2e - e: k-NN / linear (seed 0) | train s |",

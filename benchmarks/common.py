@@ -4,7 +4,7 @@ Benchmarks live in the source checkout, never in the installed package. Every sc
 results under ``--results DIR`` and its training runs under ``--runs-dir DIR``; the defaults are
 this checkout's ``benchmarks/results`` and ``runs/``, found from this file's location, not from the
 working directory. No script touches README.md: ``make readme-tables`` (benchmarks/readme_tables.py)
-regenerates the README's marked blocks from the committed results.
+regenerates the marked blocks of README.md and docs/ from the committed results.
 
 Importing this module puts the checkout first on ``sys.path``, so a script measures the ``rela``
 next to it, whatever else is installed.

@@ -29,7 +29,8 @@ from common import (BENCH_SWITCH, ResultsFile, add_output_args, command, config,
 from rela.config import TrainConfig
 from rela.registry import PRESETS
 
-# deviation row -> the preset fields that make it (together they are every field the preset changes)
+# deviation row -> the preset fields that make it (together they are every field the preset changes over the
+# benchmark's defaults, whose switch is BENCH_SWITCH: the authors' adaptive rule, so not a deviation here)
 DEVIATIONS = {
     "frozen-head": ("transfer_head",),
     "learner-init-prior": ("prior",),

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/methods.py --seeds 0 1 2   # mean ± std over seeds
 
 Writes methods.json (one object per run; reruns skip finished runs) and methods.md (the table)
-under --results; run folders go to --runs-dir. The README's table comes from the committed
+under --results; run folders go to --runs-dir. The docs' table (docs/results.md) comes from the committed
 methods.json through ``make readme-tables``.
 """
 

@@ -24,7 +24,7 @@ prior's extraction of the bank), a figure background load cannot distort; wall-c
 (training + bank extraction) stay beside it. Headroom: (acc - floor) / (BYOL-full - floor) per metric.
 
 Writes table1_e<E>.json / .md / _cost.png / _byol_curve.png under --results (``_val<N>`` with
---holdout N); the README's headline comes from committed results through ``make readme-tables``,
+--holdout N); the README's and docs' headlines come from committed results through ``make readme-tables``,
 never from this script.
 """
 

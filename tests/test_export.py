@@ -40,7 +40,7 @@ NO_RELA = textwrap.dedent("""
         raise SystemExit("rela was importable")
 """)
 
-# What the README shows: the TorchScript file with plain torch, features of images in [0, 1].
+# What docs/usage.md shows: the TorchScript file with plain torch, features of images in [0, 1].
 LOAD_TORCHSCRIPT = NO_RELA + textwrap.dedent("""
     import json
     import torch
@@ -63,7 +63,7 @@ LOAD_TORCHSCRIPT = NO_RELA + textwrap.dedent("""
     torch.save({"features": features, "meta": meta}, out_file)
 """)
 
-# What the README shows: a timm backbone's safetensors file into timm's own model.
+# What docs/usage.md shows: a timm backbone's safetensors file into timm's own model.
 LOAD_TIMM_SAFETENSORS = NO_RELA + textwrap.dedent("""
     import json
     import timm

@@ -303,7 +303,9 @@ def test_fashion_mnist_slice(tmp_path, monkeypatch):
     run_ok(["train", "--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST_ROOT),
             "--train-limit", "1000", "--test-limit", "500", "--epochs", "3", "--batch-size", "64",
             "--backbone", "convnet", "--prior", "random", "--probe-every", "0", "--no-progress",
-            "--switch", "adaptive", "--accelerator", "cpu",  # the figures below: 45 ReLA-phase steps on CPU
+            # the measured margin below is of 45 ReLA steps on CPU: with the default soft-plateau the run hands
+            # over to BYOL, which gains less in so few steps (200-NN 0.478 against 0.452, measured)
+            "--switch", "adaptive", "--accelerator", "cpu",
             "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     run_ok(["eval", str(out), *EVAL])
     m = check_finished_run(out, 3 * (1000 // 64), 64)
