@@ -41,10 +41,13 @@ mutation: setup
 	$(BIN)/mutmut results
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/mutation_train.py --json mutants/train.json
 
-# GPU benchmark, offline: the 4 Fashion-MNIST .gz files in FMNIST (an ignored folder carried with the tree)
+# GPU benchmark, offline: the 4 Fashion-MNIST .gz files in FMNIST (an ignored folder carried with the tree);
+# resumes a stopped benchmark (FRESH=--fresh starts over). On a lent GPU: bash benchmarks/gpu_check.sh (--quick).
+# BENCH_PYTHON=python3 where there is no .venv (a lent GPU machine).
 FMNIST ?= data/fashion-mnist
+BENCH_PYTHON ?= $(BIN)/python
 bench-gpu:
-	$(BIN)/python benchmarks/gpu.py --data-root $(FMNIST)
+	$(BENCH_PYTHON) benchmarks/gpu.py --data-root $(FMNIST) $(FRESH)
 
 clean:
 	rm -rf runs .cache .pytest_cache site

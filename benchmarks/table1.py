@@ -13,8 +13,8 @@ on all 60k images; budgets are fractions of its optimizer steps. Rows: 0 no trai
 as initialised: the floor); 1 BYOL on a random subset each epoch; 2 BYOL on all data for fewer
 steps; 3 ReLA + random init of the learner's architecture, with --switch; 3a the same with the
 authors' adaptive switch; 4 ReLA + random init of another architecture; 5 ReLA + a BYOL model of
-scikit-learn's digits; 6 ReLA + the BYOL-full model of Fashion-MNIST (not free: it costs a full
-BYOL run); 7 distillation only (ReLA phase, no switch). Rows 2, 4, 5, 6 run for the first seed
+scikit-learn's digits; 5b the same from MNIST's 60k digits (scripts/install_mnist.py); 6 ReLA + the BYOL-full model of Fashion-MNIST (not free: it costs a full
+BYOL run); 7 distillation only (ReLA phase, no switch). Rows 2, 4, 5, 5b, 6 run for the first seed
 only unless --all-rows-every-seed. BYOL-full and BYOL at 2E for a seed are taken from
 benchmarks/byol_convergence.py's results when it ran the same configuration, else trained here.
 Finished runs are kept in the JSON and skipped, so the grid can run in pieces.
@@ -44,7 +44,7 @@ from rela.config import FULL_DATA_IGNORED_FIELDS, HANDOVER_ONLY_FIELDS, PRIOR_ON
 from rela.errors import RelaError
 from rela.io import load_json
 from rela.plotting import pyplot
-from rela.train import count_step_flops
+from rela.train import count_step_flops, train
 
 TRAIN_IMAGES = 60_000
 ROWS = {
@@ -54,11 +54,12 @@ ROWS = {
     "rela-random-adaptive": "3a. ReLA, random-init prior, the authors' adaptive switch",
     "rela-random-other": "4. ReLA, random-init prior (other arch)",
     "rela-digits": "5. ReLA, BYOL prior from digits",
+    "rela-mnist": "5b. ReLA, BYOL prior from MNIST",
     "rela-fmnist-byol": "6. ReLA, BYOL-full prior of Fashion-MNIST (not free)",
     "distill-only": "7. Distillation only (no switch)",
 }
-FREE_PRIOR_ROWS = ("rela-random-same", "rela-random-adaptive", "rela-random-other", "rela-digits")
-ONE_SEED_ROWS = ("byol-fewer-steps", "rela-random-other", "rela-digits", "rela-fmnist-byol")
+FREE_PRIOR_ROWS = ("rela-random-same", "rela-random-adaptive", "rela-random-other", "rela-digits", "rela-mnist")
+ONE_SEED_ROWS = ("byol-fewer-steps", "rela-random-other", "rela-digits", "rela-mnist", "rela-fmnist-byol")
 FLOOR = "untrained"  # row 0: the learner as initialised, evaluated like every other row
 RECORDED = ("knn_top1", "knn20_top1", "linear_top1", "wall_seconds", "train_seconds", "bank_seconds", "steps",
             "images_seen", "switch_step", "rela_steps", "epochs", "ratio", "train_flops", "bank_flops", "subset",
@@ -90,6 +91,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--byol-results", type=Path, default=RESULTS / "byol_convergence.json",
                    help="BYOL runs of benchmarks/byol_convergence.py reused as BYOL-full / 2E when their config matches")
     p.add_argument("--digits-epochs", type=int, default=100)
+    p.add_argument("--mnist-epochs", type=int, default=10,
+                   help="epochs of row 5b's BYOL prior on MNIST's 60k digits (scripts/install_mnist.py)")
     p.add_argument("--holdout", type=int, default=None, help="validation mode: evaluate on the last N train images")
     add_output_args(p, runs="table1")
     p.add_argument("--train-limit", type=int, default=None, help="smoke tests: use only the first N training images")
@@ -233,13 +236,13 @@ class Grid:
             imported |= {"train_flops": imported["images_seen"] * per_image, "bank_flops": None}
         return imported
 
-    def digits_prior(self) -> str:
-        out = self.runs_dir / "prior-digits-byol"
+    def other_dataset_prior(self, dataset: str, epochs: int, batch_size: int) -> str:
+        """A free prior: BYOL trained on another dataset (its cost is not ReLA's: someone else paid it)."""
+        out = self.runs_dir / f"prior-{dataset}-byol"
         if not (out / "backbone.pt").is_file():
-            print("[table1] training the digits BYOL prior", flush=True)
-            train_and_evaluate(config(dataset="digits", backbone=self.args.backbone, method="byol",
-                                           epochs=self.args.digits_epochs, batch_size=128, probe_every=0,
-                                           progress=False, seed=0, out=str(out)))
+            print(f"[table1] training the {dataset} BYOL prior", flush=True)
+            train(config(dataset=dataset, backbone=self.args.backbone, method="byol", epochs=epochs, resume=True,
+                         batch_size=batch_size, probe_every=0, progress=False, seed=0, out=str(out)))
         return f"checkpoint:{out}"
 
     # --- the grid ------------------------------------------------------------------------
@@ -256,7 +259,9 @@ class Grid:
         prior = {"rela-random-same": "random", "rela-random-adaptive": "random",
                  "rela-random-other": f"random:{self.args.other_arch}", "distill-only": "random"}.get(row)
         if row == "rela-digits":
-            prior = self.digits_prior()
+            prior = self.other_dataset_prior("digits", self.args.digits_epochs, 128)
+        if row == "rela-mnist":
+            prior = self.other_dataset_prior("mnist", self.args.mnist_epochs, self.args.batch_size)
         if row == "rela-fmnist-byol":
             prior = f"checkpoint:{self.byol_full_model(0)}"
         switch = {"distill-only": "never", "rela-random-adaptive": "adaptive"}.get(row, self.args.switch)

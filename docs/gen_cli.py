@@ -35,7 +35,7 @@ CHOICES = {
     "--transfer-head": rela_config.TRANSFER_HEADS, "--switch-aug-at": rela_config.SWITCH_AUG_AT,
     "--rela-augment": rela_config.RELA_AUGMENTS, "--momentum-after-switch": rela_config.MOMENTUM_AFTER_SWITCH,
     "--data-mode": rela_config.DATA_MODES, "--augment-on": rela_config.AUGMENT_ON,
-    "--accelerator": rela_config.ACCELERATORS, "--precision": rela_config.PRECISIONS,
+    "--accelerator": rela_config.ACCELERATORS, "--precision": rela_config.PRECISIONS, "--labels": rela_config.LABELS,
 }
 
 

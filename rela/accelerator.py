@@ -71,8 +71,23 @@ def _ramp_down(position: float, start: float, length: float) -> float:
     return min(1.0, max(0.0, 1 - (position - start) / length))
 
 
+# Steps between the step whose loss decides a hand-over and the first step the decision changes. The host
+# picks lambda (which branches to run) before it launches a step; on a GPU it reads the switch's state
+# LAG steps late, from a copy made without waiting for the device (see Switch.host_view). A decision
+# at step t therefore carries its effective step (t + 1 + LAG), and lambda at step s depends only on
+# decisions effective by s: reading a state 1 or 2 steps old gives the same lambda, on CPU, CUDA and
+# every rank, and a resumed run (which reads the current state) decides exactly as an uninterrupted one.
+LAG = 1
+
+
 class Switch(nn.Module):
-    """When to hand over from ReLA to the base method. State lives in buffers so it checkpoints."""
+    """When to hand over from ReLA to the base method. State lives in buffers so it checkpoints.
+
+    The state changes on the device only (torch ops, no reads in the step): the host decides from
+    :meth:`host_view`, the buffers named in ``HOST_STATE`` as of at most LAG + 1 steps ago.
+    """
+
+    HOST_STATE: tuple[str, ...] = ("switched", "switch_step")
 
     def __init__(self):
         super().__init__()
@@ -80,34 +95,96 @@ class Switch(nn.Module):
         self.register_buffer("switch_step", torch.tensor(-1, dtype=torch.long))
         # the first step taken with lam < 1, where the base method's loss begins (a soft hand-over's ramp start)
         self.register_buffer("method_start", torch.tensor(-1, dtype=torch.long))
+        self.lagged: bool | None = None  # read the state through late copies; None: where it lives on a GPU
+        self._reset_host()
+
+    def _reset_host(self) -> None:
+        self._view: dict[str, int] | None = None
+        self._copies: list = []  # ring of (pinned host tensor, event) per slot
+        self._posted = 0
+        self._method_start: int | None = None  # the host's own record: it sets method_start
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._reset_host()  # a loaded state replaces whatever the host had read
+
+    def _is_lagged(self) -> bool:
+        return self.switched.device.type != "cpu" if self.lagged is None else self.lagged
+
+    def _read_now(self) -> dict[str, int]:
+        # .tolist() of a CPU tensor reads memory, no aten op; on a GPU it waits (first step, after a resume)
+        return {n: int(getattr(self, n).cpu().tolist()) for n in self.HOST_STATE}
+
+    def host_view(self) -> dict[str, int]:
+        """``HOST_STATE`` as the host sees it: on CPU the state itself (reading it costs nothing), through
+        the late copies otherwise (see :meth:`publish`); the first read of a run reads it now."""
+        if not self._is_lagged():
+            return self._read_now()
+        if self._view is None:
+            self._view = self._read_now()
+        return self._view
+
+    def publish(self) -> None:
+        """After a step's update: copy ``HOST_STATE`` to the host without waiting (a non-blocking copy into
+        pinned memory, an event after it), and take as the host's view the copy posted LAG steps ago, whose
+        event has passed by now unless the device runs more than LAG steps behind the host (then the host
+        waits for that step's forward pass only: the steps queued after it keep the device busy)."""
+        if not self.HOST_STATE or not self._is_lagged():
+            return
+        cuda = self.switched.device.type == "cuda"
+        if not self._copies:
+            self._copies = [(torch.empty(len(self.HOST_STATE), dtype=torch.long, pin_memory=cuda),
+                             torch.cuda.Event() if cuda else None) for _ in range(LAG + 1)]
+        if self._posted >= LAG:  # the copy posted LAG steps ago
+            host, event = self._copies[(self._posted - LAG) % (LAG + 1)]
+            if event is not None and not event.query():
+                event.synchronize()
+            self._view = dict(zip(self.HOST_STATE, host.tolist()))
+        host, event = self._copies[self._posted % (LAG + 1)]
+        host.copy_(torch.stack([getattr(self, n).long() for n in self.HOST_STATE]), non_blocking=cuda)
+        if event is not None:
+            event.record()
+        self._posted += 1
+
+    @property
+    def method_start_step(self) -> int:
+        """``method_start`` as the host knows it (it sets it: no read of the device after the first)."""
+        if self._method_start is None:
+            self._method_start = int(self.method_start.cpu().tolist())
+        return self._method_start
 
     def weight(self, progress: Progress) -> float:
         """lambda, the weight of the ReLA loss for the coming step (reads the state, never changes it)."""
-        return 0.0 if bool(self.switched) else 1.0
+        view = self.host_view()
+        return 0.0 if view["switched"] and progress.step >= view["switch_step"] else 1.0
 
-    def step(self, lam: float, loss: float | None, progress: Progress) -> None:
+    def step(self, lam: float, loss: torch.Tensor | float | None, progress: Progress) -> None:
         """The step taken with weight ``lam`` is done: ``loss`` is its ReLA loss (None when not computed).
 
         At weight 0 the hand-over is recorded (once); otherwise the loss goes to :meth:`update`.
+        Then the state is published to the host (:meth:`publish`).
         """
-        if lam < 1 and self.method_start < 0:
+        if lam < 1 and self.method_start_step < 0:
+            self._method_start = progress.step
             self.method_start.fill_(progress.step)
         if lam == 0:
             self.record_switch(progress.step)
         elif loss is not None:
-            self.update(loss, progress)
+            self.update(torch.as_tensor(loss, dtype=torch.float64, device=self.switched.device), progress)
+        self.publish()
 
-    def update(self, loss: float, progress: Progress) -> None:
-        """React to the ReLA loss of a step; subclasses that watch the loss override it."""
+    def update(self, loss: torch.Tensor, progress: Progress) -> None:
+        """React to the ReLA loss of a step (a float64 tensor on the device); subclasses that watch it override this."""
 
-    def record_switch(self, step: int) -> None:
-        """Mark the hand-over at ``step`` (the first step taken with weight 0, or the step that decided it)."""
-        if not self.switched:
-            self.switched.fill_(True)
-            self.switch_step.fill_(step)
+    def record_switch(self, step: int | torch.Tensor, when: torch.Tensor | None = None) -> None:
+        """Mark the hand-over at ``step`` (the first step taken with weight 0), if ``when`` (default: now) and
+        not marked before; torch ops, so the device decides without the host reading anything."""
+        mark = ~self.switched if when is None else when & ~self.switched
+        self.switch_step.copy_(torch.where(mark, step, self.switch_step))
+        self.switched.logical_or_(mark)
 
     def metrics(self) -> dict[str, float]:
-        """What the switch watches, for the logs."""
+        """What the switch watches, for the logs (it reads the device: the training step asks on the steps that log only)."""
         return {}
 
 
@@ -128,16 +205,16 @@ class AdaptiveSwitch(Switch):
         self.register_buffer("loss_slow", torch.tensor(slow_init, dtype=torch.float64))
         self.register_buffer("rho", torch.tensor(0.0, dtype=torch.float64))
 
-    def update(self, loss: float, progress: Progress) -> None:
-        if self.switched:
-            return
+    def update(self, loss: torch.Tensor, progress: Progress) -> None:
+        live = ~self.switched  # a switched controller keeps its state
         # rho is computed from the EMAs before this step's loss enters them, as in the reference code.
-        self.rho.fill_(math.exp(-max(float(self.loss_slow - self.loss_fast), 0.0)))
-        self.loss_fast.mul_(self.fast_decay).add_((1 - self.fast_decay) * loss)
-        self.loss_slow.mul_(self.slow_decay).add_((1 - self.slow_decay) * self.loss_fast)
-        if self.rho >= self.threshold:
-            # decided at step t: step t + 1 is the first base-method step, the hand-over (as the authors log it)
-            self.record_switch(progress.step + 1)
+        rho = torch.exp(-(self.loss_slow - self.loss_fast).clamp(min=0.0))
+        fast = self.loss_fast * self.fast_decay + (1 - self.fast_decay) * loss
+        slow = self.loss_slow * self.slow_decay + (1 - self.slow_decay) * fast
+        for buf, new in ((self.rho, rho), (self.loss_fast, fast), (self.loss_slow, slow)):
+            buf.copy_(torch.where(live, new, buf))
+        # decided at step t: the first base-method step (the hand-over) is t + 1 + LAG (the authors': t + 1)
+        self.record_switch(progress.step + 1 + LAG, when=live & (rho >= self.threshold))
 
     def metrics(self) -> dict[str, float]:
         return {"rho": float(self.rho)}
@@ -151,9 +228,12 @@ class PlateauSwitch(Switch):
     first step on, not a blend with an arbitrary start value. ``best`` is its lowest value so far;
     an improvement counts when ``smoothed < best * (1 - threshold)``, as in
     ``ReduceLROnPlateau(threshold_mode="rel")``. The plateau is reached when no improvement has
-    counted for ``patience`` of the run. The same loss curve stretched over 500 or 50,000 steps
-    therefore hands over at the same fraction of the run.
+    counted for ``patience`` of the run: decided at step t, ``plateau_step`` is t + LAG, the last
+    step at lambda 1 (the hard switch hands over at the next step, the soft one starts its ramp).
+    The same loss curve stretched over 500 or 50,000 steps therefore hands over at the same fraction of the run.
     """
+
+    HOST_STATE = ("switched", "switch_step", "plateau_step")
 
     def __init__(self, threshold: float = 0.01, patience: float = 0.05, smooth: float = 0.05):
         super().__init__()
@@ -164,32 +244,36 @@ class PlateauSwitch(Switch):
         self.register_buffer("best_step", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("plateau_step", torch.tensor(-1, dtype=torch.long))
 
-    @property
-    def reached(self) -> bool:
-        return int(self.plateau_step) >= 0
-
     def decay(self, progress: Progress) -> float:
         """The EMA's per-step decay: a window of ``smooth`` of the run."""
         return 1 - 1 / progress.steps(self.smooth)
 
-    def smoothed(self, progress: Progress) -> float:
-        return float(self.ema) / (1 - self.decay(progress) ** int(self.seen)) if int(self.seen) else math.nan
-
-    def update(self, loss: float, progress: Progress) -> None:
-        if self.reached:
-            return
+    def update(self, loss: torch.Tensor, progress: Progress) -> None:
+        live = self.plateau_step < 0  # the decision is final
         decay = self.decay(progress)
-        self.ema.mul_(decay).add_((1 - decay) * loss)
-        self.seen.add_(1)
-        smoothed = self.smoothed(progress)
-        if smoothed < float(self.best) * (1 - self.threshold):
-            self.best.fill_(smoothed)
-            self.best_step.fill_(progress.step)
-        elif progress.step - int(self.best_step) >= progress.steps(self.patience):
-            self.plateau_step.fill_(progress.step)  # Switch.step records the hand-over at the first lam = 0
+        ema, seen = self.ema * decay + (1 - decay) * loss, self.seen + 1
+        smoothed = ema / (1 - decay ** seen.double())
+        improved = smoothed < self.best * (1 - self.threshold)
+        stalled = ~improved & (progress.step - self.best_step >= progress.steps(self.patience))
+        for buf, new in ((self.ema, ema), (self.seen, seen),
+                         (self.best, torch.where(improved, smoothed, self.best)),
+                         (self.best_step, torch.where(improved, progress.step, self.best_step)),
+                         (self.plateau_step, torch.where(stalled, progress.step + LAG, self.plateau_step))):
+            buf.copy_(torch.where(live, new, buf))
+        # Switch.step records the hand-over at the first lam = 0
+
+    def plateau(self, progress: Progress) -> int | None:
+        """The last step at lambda 1 before the hand-over, as far as the host knows by ``progress`` (None: not yet)."""
+        step = self.host_view()["plateau_step"]
+        return step if 0 <= step < progress.step else None
 
     def weight(self, progress: Progress) -> float:
-        return 0.0 if self.reached else 1.0
+        return 1.0 if self.plateau(progress) is None else 0.0
+
+    def smoothed(self, progress: Progress) -> float:
+        """The bias-corrected EMA of the losses seen (NaN before the first); reads the device (not in the step)."""
+        seen = int(self.seen)
+        return float(self.ema) / (1 - self.decay(progress) ** seen) if seen else math.nan
 
     def metrics(self) -> dict[str, float]:
         best = float(self.best)
@@ -208,13 +292,14 @@ class SoftPlateauSwitch(PlateauSwitch):
         self.ramp = ramp
 
     def weight(self, progress: Progress) -> float:
-        if not self.reached:
-            return 1.0
-        return _ramp_down(progress.step, int(self.plateau_step), progress.steps(self.ramp))
+        start = self.plateau(progress)
+        return 1.0 if start is None else _ramp_down(progress.step, start, progress.steps(self.ramp))
 
 
 class RampSwitch(Switch):
     """lam = 1 until ``start`` of the run, then linearly down to 0 at ``start + length`` (training progress only)."""
+
+    HOST_STATE = ()  # a function of progress alone
 
     def __init__(self, start: float, length: float):
         super().__init__()
@@ -227,6 +312,8 @@ class RampSwitch(Switch):
 class ConstantSwitch(Switch):
     """ReLA for the first ``fraction`` of the epochs, then the base method."""
 
+    HOST_STATE = ()
+
     def __init__(self, fraction: float):
         super().__init__()
         self.fraction = fraction
@@ -237,6 +324,8 @@ class ConstantSwitch(Switch):
 
 class NeverSwitch(Switch):
     """ReLA for the whole run: distillation only (an ablation)."""
+
+    HOST_STATE = ()
 
     def weight(self, progress: Progress) -> float:
         return 1.0

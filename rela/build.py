@@ -23,7 +23,7 @@ from rela.config import TrainConfig
 from rela.errors import RelaError
 from rela.data import ImageDataset, load_dataset, rela_view
 from rela.data.datasets import DEFAULT_IMAGE_SIZE
-from rela.data.files import open_files
+from rela.data.files import has_test_split, open_files
 from rela.data.stream import StreamSet
 from rela.data.subset import SubsetRule, build_subset, cached_prototypes
 from rela.flops import prior_flops_per_image
@@ -50,13 +50,14 @@ def load_data(cfg: TrainConfig, split: str, mode: str = "memory") -> ImageDatase
     if mode == "stream":
         return load_stream(cfg, split).subset(limit)
     return load_dataset(cfg.dataset, split, cfg.data_root, cfg.download, limit, cfg.image_size,
-                        holdout=cfg.holdout, skip_bad_images=cfg.skip_bad_images, verify_data=cfg.verify_data)
+                        holdout=cfg.holdout, skip_bad_images=cfg.skip_bad_images, verify_data=cfg.verify_data,
+                        labels=cfg.labels, progress=cfg.progress)
 
 
 def load_stream(cfg: TrainConfig, split: str) -> StreamSet:
     from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
-    files = open_files(cfg.dataset, "train" if cfg.holdout else split, cfg.skip_bad_images)
+    files = open_files(cfg.dataset, "train" if cfg.holdout else split, cfg.skip_bad_images, cfg.labels)
     if cfg.holdout:
         if not 0 < cfg.holdout < len(files):
             raise RelaError(f"holdout must be between 1 and {len(files) - 1} for {cfg.dataset}, got {cfg.holdout}")
@@ -75,7 +76,7 @@ def choose_data_mode(cfg: TrainConfig, ram: int | None = None) -> tuple[str, str
     """(memory or stream, why): ``auto`` takes memory when N x C x H x W bytes (per process) fit 25% of RAM."""
     if cfg.data_mode != "auto":
         return cfg.data_mode, "--data-mode " + cfg.data_mode
-    files = open_files(cfg.dataset, "train", cfg.skip_bad_images)
+    files = open_files(cfg.dataset, "train", cfg.skip_bad_images, cfg.labels)
     if files is None:
         return "memory", f"{cfg.dataset} is not a folder of image files"
     n = min(len(files), cfg.train_limit or len(files))
@@ -86,6 +87,59 @@ def choose_data_mode(cfg: TrainConfig, ram: int | None = None) -> tuple[str, str
     why = (f"decoded set {n} x 3 x {side} x {side} bytes{copies} = {need / 2**30:.2f} GiB "
            f"{'<=' if need <= budget else '>'} budget {budget / 2**30:.2f} GiB = {RAM_SHARE:.0%} of RAM")
     return ("memory" if need <= budget else "stream"), why
+
+
+def no_labels(cfg: TrainConfig) -> str | None:
+    """Why ``cfg``'s training data has no labels (e.g. "images directly in the folder"), or None: it has.
+
+    Reads only the file index (no decoding), so what needs labels stops before any work.
+    """
+    files = open_files(cfg.dataset, "train", cfg.skip_bad_images, cfg.labels)
+    return None if files is None else files.unlabelled
+
+
+def require_labels(cfg: TrainConfig, what: str) -> None:
+    """Stop with one line when ``what`` needs labels and ``cfg``'s data has none."""
+    why = no_labels(cfg)
+    if why is not None:
+        folder = cfg.dataset.partition(":")[2]
+        raise RelaError(f"{folder} has no labels ({why}): {what} needs labelled data (one sub-folder per class)")
+
+
+PROBE_SLICE_EVERY, PROBE_SLICE_MAX = 10, 2000  # the held-out probe slice: every 10th image, at most 2000
+
+
+def held_out_slice(data):
+    """(memory, queries, n) for a probe of a labelled set without a test split: every n-th image (about 10 %,
+    at most 2000) is a query and the rest the k-NN memory, so no query is scored against itself. The
+    learner trains on all of them (without their labels): the score measures how well its features
+    separate the classes, like the probe on a test split, not generalisation to unseen images."""
+    n = len(data)
+    every = max(PROBE_SLICE_EVERY, -(-n // PROBE_SLICE_MAX))
+    queries = torch.arange(0, n, every)
+    memory = torch.ones(n, dtype=torch.bool)
+    memory[queries] = False
+    rows = memory.nonzero().squeeze(1)
+    if isinstance(data, StreamSet):
+        return data.take(rows.numpy()), data.take(queries.numpy()), every
+    return data.take(rows, f"probe memory /{every}"), data.take(queries, f"probe queries /{every}"), every
+
+
+def probe_sets(cfg: TrainConfig, train_set, mode: str):
+    """(memory, queries) of the run's k-NN probe, or None when it is off; says once why it is off or
+    where its queries come from."""
+    say = rank_zero_only(print)
+    if not cfg.probe_every:
+        return None
+    if train_set.num_classes == 0:
+        say(f"probe: off ({cfg.dataset.partition(':')[2]} has no labels: {train_set.unlabelled})")
+        return None
+    if cfg.holdout is None and has_test_split(cfg.dataset) is False:
+        memory, queries, every = held_out_slice(train_set)
+        say(f"probe: {cfg.dataset.partition(':')[2]} has no test/ or val/ split: the k-NN probe scores 1 in "
+            f"{every} training images ({len(queries)}) against the others")
+        return memory, queries
+    return train_set, load_data(cfg, "test", mode)
 
 
 def prior_for(spec: str, data: ImageDataset, *, learner_arch: str, seed: int,
@@ -116,6 +170,7 @@ class Prepared:
     device: str
     data_mode: str = "memory"
     subset: SubsetRule | None = None  # which images each epoch trains on (None: the uniform draw)
+    probe_memory: ImageDataset | None = None  # the probe's k-NN memory (the training set, less any held-out slice)
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -123,10 +178,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     device = device_for(cfg.accelerator)
     # 1. data
+    if cfg.method == "supervised":  # before any decoding: the only method that reads labels
+        require_labels(cfg, "method supervised")
     mode, why = choose_data_mode(cfg)
     rank_zero_only(print)(f"data mode: {mode} ({why})")
     train_set = load_data(cfg, "train", mode)
-    test_set = load_data(cfg, "test", mode) if cfg.probe_every else None
+    probe_memory, test_set = probe_sets(cfg, train_set, mode) or (None, None)
     # 2. learner + base method
     backbone, feature_dim = build_backbone(cfg.backbone, train_set.channels, train_set.image_size)
     method = build_method(cfg.method, backbone, feature_dim, train_set.num_classes, **method_options(cfg))
@@ -155,7 +212,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         subset.prototypes = cached_prototypes(rela.targets.to(device), subset.k, cfg.seed, cfg.cache_dir,
                                               info["bank_key"])
         info["selection_flops"] = subset.prototypes.flops
-    return Prepared(train_set, test_set, method, rela, feature_dim, info, device, mode, subset)
+    return Prepared(train_set, test_set, method, rela, feature_dim, info, device, mode, subset, probe_memory)
 
 
 def workers(cfg: TrainConfig) -> int:

@@ -25,7 +25,7 @@ import time
 from collections import deque
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from rela.data import ImageDataset
 from rela.data.stream import in_memory
@@ -44,8 +44,9 @@ class StepMetrics(Callback):
     waiting, both averaged over the last ``window`` steps (default: the trainer's
     ``log_every_n_steps``, so a logged row covers the steps since the previous one). On a GPU the
     split between busy and wait is approximate (kernels run asynchronously); their sum is wall time.
-    ``train/lr`` is the learning rate the step used. ``train/switch_step`` is written once, directly
-    to the loggers at that step, whatever the logging interval. ``wait_seconds`` and ``busy_seconds``
+    ``train/lr`` is the learning rate the step used. These are logged on the steps that log only (each
+    logged value costs the step time, and a device value a sync). ``train/switch_step`` is written once,
+    directly to the loggers at that step, as soon as a step that logs (or an epoch end) sees the hand-over. ``wait_seconds`` and ``busy_seconds``
     total this process's steps of the fit (since the resume, for a resumed run): ``rela train``
     reports their ratio as ``data_wait_fraction`` in metrics.json.
     """
@@ -76,10 +77,21 @@ class StepMetrics(Callback):
         self.wait_seconds += self._start - self._last_end
         self.busy_seconds += end - self._start
         self._last_end = end
+        if not module.logs_at(trainer.global_step - 1):  # the step just taken
+            return
         wait = sum(s[0] for s in self._steps)
         total = wait + sum(s[1] for s in self._steps)
         module.log_dict({"train/lr": self._lr, "train/images_per_s": sum(s[2] for s in self._steps) / total,
                          "train/data_wait": wait / total}, on_step=True, on_epoch=False)
+        self.log_switch(trainer, module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
+        self.log_switch(trainer, module)
+
+    def log_switch(self, trainer: L.Trainer, module) -> None:
+        """Write ``train/switch_step`` once, at the step of the hand-over (reads the device: not every step)."""
+        if self._switch_logged:
+            return
         switch_step = module.switch_step
         if switch_step is not None and not self._switch_logged:
             self._switch_logged = True
@@ -125,4 +137,17 @@ class KNNMonitor(Callback):
             record = {"epoch": epoch, **module.budget, "switched": module.switch_step is not None}
             module.history.append(record)
         record[f"{self.name}_top1"] = acc
-        module.log(self.name, acc, prog_bar=True, rank_zero_only=True)
+        module.log(self.name, acc, rank_zero_only=True)
+        module.bar[self.name] = acc
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, showing the module's ``bar``: numbers on the host.
+
+    Lightning reads every value logged with ``prog_bar=True`` back from the device after every step
+    (a host-device sync each, on a GPU), however seldom it was logged; rela logs none that way and
+    notes what the bar shows (the loss as of the last step that logged, the probe) in ``module.bar``.
+    """
+
+    def get_metrics(self, trainer: L.Trainer, module) -> dict:
+        return {**super().get_metrics(trainer, module), **getattr(module, "bar", {})}

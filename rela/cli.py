@@ -13,6 +13,7 @@ import sys
 
 from rela.config import (DEFAULT_WHY, MOMENTUM_AFTER_SWITCH, RELA_AUGMENTS, SWITCH_AUG_AT, TRANSFER_HEADS, TrainConfig,
                          read_yaml)
+from rela.console import console_scope
 from rela.errors import RelaError
 from rela.registry import (BACKBONES, BANK_DTYPES, DATASETS, LOGGERS, LR_SCHEDULES, METHODS, MOMENTUM_SCHEDULES,
                            PRESETS, PRIORS, SUBSETS, SWITCHES, Registry)
@@ -30,6 +31,9 @@ TRAIN_FLAGS = {
     "--num-workers": (int, "stream mode: DataLoader worker processes (default: cores - 1, at most 8)"),
     "--prefetch-factor": (int, "stream mode: batches each worker prepares ahead (default 2)"),
     "--augment-on": (str, "stream mode: device (default: workers decode, the training device augments whole batches as in memory mode) | workers (workers also augment each sample, torchvision v2)"),
+    "--labels": (str, "auto | folders | none: how imagefolder:DIR is labelled; auto: one sub-folder per class, "
+                      "or unlabelled when images sit directly in DIR; folders: require class folders; none: every "
+                      "image under DIR, unlabelled (nested folders that are not classes)"),
     "--holdout": (int, "validation mode: train without the last N training images and evaluate on them"),
     "--backbone": (str, BACKBONES),
     "--method": (str, METHODS),
@@ -150,15 +154,23 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _study_data(args):
-    """Training and evaluation splits, learner dim and candidate priors of diagnose / rank-priors."""
-    from rela.build import choose_data_mode, load_data
+def _study_data(args, needs_labels: bool):
+    """Training and evaluation splits, learner dim and candidate priors of diagnose / rank-priors.
+
+    ``needs_labels``: diagnose scores class labels on the test split; rank-priors is label-free and
+    reads no test split (None), so it also ranks priors for an unlabelled folder.
+    """
+    from rela.build import choose_data_mode, load_data, require_labels
     from rela.diagnose import build_candidates, learner_dim, parse_weights
 
     cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, train_limit=args.train_limit,
-                      test_limit=args.test_limit, backbone=args.backbone, data_mode=args.data_mode).validate()
+                      test_limit=args.test_limit, backbone=args.backbone, data_mode=args.data_mode,
+                      labels=args.labels, progress=args.progress).validate()
+    if needs_labels:
+        require_labels(cfg, "diagnose (its k-NN scores class labels; rank-priors is label-free)")
     mode = choose_data_mode(cfg)[0]  # a set too large for memory: features come through the streamed bank path
-    train, test = load_data(cfg, "train", mode), load_data(cfg, "test", mode)
+    train = load_data(cfg, "train", mode)
+    test = load_data(cfg, "test", mode) if needs_labels else None
     candidates = build_candidates(args.models, train, backbone=args.backbone, seed=args.seed,
                                   weights=parse_weights(args.prior_weights))
     return train, test, learner_dim(args.backbone, train), candidates
@@ -167,7 +179,7 @@ def _study_data(args):
 def _cmd_diagnose(args) -> int:
     from rela.diagnose import diagnose, diagnose_markdown, write_diagnose
 
-    train, test, dim, candidates = _study_data(args)
+    train, test, dim, candidates = _study_data(args, needs_labels=True)
     report = diagnose(candidates, train, test, target_dim=dim, cache_dir=args.cache_dir,
                       pair_samples=args.pair_samples, seed=args.seed, progress=args.progress)
     print(diagnose_markdown(report))
@@ -178,7 +190,7 @@ def _cmd_diagnose(args) -> int:
 def _cmd_rank_priors(args) -> int:
     from rela.diagnose import rank_markdown, rank_priors, write_rank
 
-    train, _, dim, candidates = _study_data(args)
+    train, _, dim, candidates = _study_data(args, needs_labels=False)
     report = rank_priors(candidates, train, target_dim=dim, cache_dir=args.cache_dir, samples=args.samples,
                          seed=args.seed, progress=args.progress, by=args.score)
     print(rank_markdown(report))
@@ -193,13 +205,15 @@ def _cmd_shard(args) -> int:
 
     base = Path(args.folder)
     splits = ["train"] + (["test"] if any((base / n).is_dir() for n in ("test", "val")) else [])
-    if not (base / "train").is_dir():  # a flat folder of class folders: one training split
+    if not (base / "train").is_dir():  # a flat folder (of class folders, or unlabelled): one training split
         splits = ["train"]
     out = Path(args.out)
     for split in splits:
-        files = image_folder(args.folder, split)
+        files = image_folder(args.folder, split, args.labels)
+        if files.unlabelled:
+            print(f"{split}: unlabelled ({files.unlabelled}): the shards hold images without labels")
         dest = out / split if (base / "train").is_dir() else out
-        index = write_shards(files, dest, args.samples_per_shard)
+        index = write_shards(files, dest, args.samples_per_shard, progress=args.progress)
         size = sum(s["bytes"] for s in index["shards"])
         print(f"{split}: {index['samples']} images of {files.root} -> {len(index['shards'])} shard(s), "
               f"{size / 2**20:.1f} MiB in {dest}/")
@@ -215,6 +229,8 @@ def _add_study_flags(p: argparse.ArgumentParser, models_flag: str, out: str) -> 
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
     p.add_argument("--data-mode", default="auto", help="auto | memory | stream, as for train")
+    p.add_argument("--labels", default="auto", help="auto | folders | none: how imagefolder:DIR is labelled, "
+                                                    "as for train")
     p.add_argument("--backbone", default="convnet",
                    help="learner whose feature dim sets the target dim m: " + ", ".join(BACKBONES.usages()))
     p.add_argument("--prior-weights", nargs="+", default=None, metavar="SPEC=FILE",
@@ -277,10 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", default="stability", help="stability | retrieval | effective_rank")
     p.set_defaults(func=_cmd_rank_priors)
     p = sub.add_parser("shard", help="convert an image folder into WebDataset tar shards (dataset shards:OUT)")
-    p.add_argument("folder", help="image folder: one sub-folder per class, or train/ and test/ (or val/) of them")
+    p.add_argument("folder", help="image folder: one sub-folder per class, images directly inside (unlabelled), "
+                                  "or train/ and test/ (or val/) of them")
     p.add_argument("out", help="output folder (train/ and test/ inside when the image folder has them)")
+    p.add_argument("--labels", default="auto", help="auto | folders | none: how the folder is labelled, as "
+                                                    "for train (auto: class sub-folders, or unlabelled when images "
+                                                    "sit directly in it)")
     p.add_argument("--samples-per-shard", type=int, default=10_000,
                    help="images per tar file (default 10000: about 1 GB of ImageNet JPEGs)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_cmd_shard)
     return parser
 
@@ -288,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with console_scope():  # one-line warnings, third parties' that do not apply silenced: rela.console
+            return args.func(args)
     except RelaError as e:
         print(f"rela: error: {e}", file=sys.stderr)
         return 2

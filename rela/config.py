@@ -33,6 +33,7 @@ HANDOVER_ONLY_FIELDS = frozenset({"switch_aug_at", "momentum_after_switch"})
 # Fields that a run over all the data (ratio 1) ignores: every subset rule is then the uniform draw.
 FULL_DATA_IGNORED_FIELDS = frozenset({"subset"})
 DATA_MODES = ("auto", "memory", "stream")
+LABELS = ("auto", "folders", "none")  # how an image folder's labels are read (rela.data.files.unlabelled_reason)
 AUGMENT_ON = ("device", "workers")  # stream mode: where the views are made
 
 
@@ -65,6 +66,8 @@ DEFAULT_WHY = {
     "method": "byol: the base method of the paper's Table 1 and of every Table 1 row here",
     "probe_every": "one k-NN probe per epoch draws the accuracy-vs-cost curve in metrics.json (0 turns it off)",
     "checkpoint_every": "200 steps bounds the work a kill loses (kill_resume.json: resumed runs match exactly)",
+    "labels": "both common layouts then train without a flag: class sub-folders, or images directly in the "
+              "folder (unlabelled)",
     "augment_on": "device: a stream run then trains bit for bit as the memory-mode run (a test), workers only decode",
 }
 
@@ -107,6 +110,8 @@ class TrainConfig:
     augment_on: str = "device"  # stream mode: workers decode, the training device augments batches (as memory
     #   mode does); "workers": the workers also augment, per sample (torchvision v2)
     verify_data: bool = False  # key image files by their content (hash every byte), not names/sizes/mtimes
+    labels: str = "auto"  # imagefolder: class sub-folders, or unlabelled when images sit directly in the folder;
+    #   "folders": require class folders; "none": every image under the folder, unlabelled
     # learner and method
     backbone: str = "convnet"
     method: str = "byol"
@@ -182,7 +187,7 @@ class TrainConfig:
             registry.check(value)
         for name, choices in (("transfer_head", TRANSFER_HEADS), ("switch_aug_at", SWITCH_AUG_AT),
                               ("rela_augment", RELA_AUGMENTS), ("momentum_after_switch", MOMENTUM_AFTER_SWITCH),
-                              ("augment_on", AUGMENT_ON)):
+                              ("augment_on", AUGMENT_ON), ("labels", LABELS)):
             if getattr(self, name) not in choices:
                 raise unknown(name, getattr(self, name), choices)
         if self.accelerator not in ACCELERATORS:
@@ -196,6 +201,9 @@ class TrainConfig:
         if self.data_mode == "stream" and self.dataset.partition(":")[0] not in ("imagefolder", "shards"):
             raise RelaError(f"data mode 'stream' reads image files: it needs an imagefolder:PATH or "
                             f"shards:PATH dataset, not {self.dataset!r} (which is held in memory)")
+        if self.labels != "auto" and self.dataset.partition(":")[0] != "imagefolder":
+            raise RelaError(f"labels {self.labels!r} says how an imagefolder:PATH's labels are read; "
+                            f"{self.dataset!r} brings its own (leave labels at auto)")
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
             raise RelaError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         if not isinstance(self.prefetch_factor, int) or self.prefetch_factor < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rela.config import TrainConfig
+from rela.console import console_scope
 from rela.evaluate import evaluate_run
 from rela.io import load_json, save_json, save_text
 from rela.plotting import pyplot, require_plots
@@ -79,6 +80,7 @@ def format_table(runs: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+@console_scope()
 def run_demo(out: str = "runs/demo", epochs: int = 5, ratio: float = 0.2, seed: int = 0,
              data_root: str | None = None, train_limit: int | None = None, progress: bool = True) -> dict:
     require_plots()  # the demo ends with a figure: say so before ten minutes of training

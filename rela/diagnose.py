@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from rela.backbones import build_backbone
 from rela.bank import load_or_extract
 from rela.build import prior_for
+from rela.console import console_scope
 from rela.data import RELA_VIEW, ImageDataset
 from rela.errors import RelaError, unknown
 from rela.evaluate import knn_accuracy
@@ -164,10 +165,14 @@ def _features(cand: Candidate, data: ImageDataset, cache_dir, device, progress) 
     return load_or_extract(cand.prior, data, cache_dir=cache_dir, device=device, progress=progress)[0]
 
 
+@console_scope()
 def diagnose(candidates: list[Candidate], train_set: ImageDataset, test_set: ImageDataset, *,
              target_dim: int, cache_dir: str | Path = ".cache/rela", pair_samples: int = 10000, seed: int = 0,
              device: str = "cpu", progress: bool = True) -> dict:
     """Per-model target statistics and k-NN, and the pairwise transport fit (see the module doc)."""
+    if not train_set.num_classes:
+        raise RelaError(f"{train_set.name} has no labels ({train_set.unlabelled}): diagnose scores class labels "
+                        "(k-NN, class spread); rank_priors is label-free")
     raw = {c.spec: _features(c, train_set, cache_dir, device, progress) for c in candidates}
     models = []
     for c in candidates:
@@ -320,6 +325,7 @@ def effective_rank(features: torch.Tensor) -> float:
 SCORES = ("stability", "retrieval", "effective_rank")
 
 
+@console_scope()
 def rank_priors(candidates: list[Candidate], train_set: ImageDataset, *, target_dim: int,
                 cache_dir: str | Path = ".cache/rela", samples: int = 2048, seed: int = 0, device: str = "cpu",
                 progress: bool = True, by: str = "stability") -> dict:

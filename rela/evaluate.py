@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rela.build import choose_data_mode, load_data
+from rela.build import choose_data_mode, held_out_slice, load_data, require_labels
+from rela.data.files import has_test_split
 from rela.config import TrainConfig
+from rela.console import bar, console_scope
 from rela.data import Normalize
 from rela.data.augment import to_float
 from rela.errors import RelaError
@@ -43,7 +45,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int, *,
                  epochs: int = 50, batch_size: int = 1024, lr: float = 1e-2, weight_decay: float = 1e-4,
-                 seed: int = 0) -> float:
+                 seed: int = 0, progress: bool = False) -> float:
     """Top-1 of a linear classifier trained on standardised frozen features."""
     mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
     xtr, xte = (train_features - mean) / std, (test_features - mean) / std
@@ -54,7 +56,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(xtr) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
+    for _ in bar(range(epochs), desc="eval: linear probe", enabled=progress):
         order = torch.randperm(len(xtr), generator=g)
         for start in range(0, len(xtr), batch_size):
             idx = order[start: start + batch_size]
@@ -97,6 +99,7 @@ def split_features(backbone: nn.Module, data, normalize: Normalize, *, device="c
     return features, data.labels[index]
 
 
+@console_scope()
 def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data_root: str | None = None,
                  device: str | None = None, progress: bool = True) -> dict:
     """k-NN and linear probe of a finished run's backbone; results merged into its metrics.json."""
@@ -109,11 +112,20 @@ def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data
     backbone = build_saved_backbone(blob)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
-    cfg.data_root, cfg.download = data_root or cfg.data_root, False
+    cfg.data_root, cfg.download, cfg.progress = data_root or cfg.data_root, False, progress
     metrics = load_json(metrics_file) if metrics_file.is_file() else {}
+    require_labels(cfg, "rela eval (its k-NN and linear probes score class labels)")
     # the data mode training used: a set too large for memory is evaluated from its files too
     mode = metrics.get("data_mode") or choose_data_mode(cfg)[0]
-    train, test = load_data(cfg, "train", mode), load_data(cfg, "test", mode)
+    train = load_data(cfg, "train", mode)
+    if cfg.holdout is None and has_test_split(cfg.dataset) is False:
+        # no test split: score a held-out slice, left out of the k-NN memory and the linear probe's training
+        train, test, every = held_out_slice(train)
+        test.split = f"train, 1 in {every} held out"
+        print(f"eval: {cfg.dataset.partition(':')[2]} has no test/ or val/ split: scoring 1 in {every} training "
+              f"images ({len(test)}), held out from the k-NN memory and the linear probe's training")
+    else:
+        test = load_data(cfg, "test", mode)
     normalize = Normalize(blob["mean"], blob["std"], blob["channels"])
     workers = default_workers() if cfg.num_workers is None else cfg.num_workers
     ftr, ytr = split_features(backbone, train, normalize, device=device, workers=workers,
@@ -123,7 +135,8 @@ def evaluate_run(run: str | Path, *, ks=(20, 200), linear_epochs: int = 50, data
     knn = knn_accuracy(ftr, ytr, fte, yte, train.num_classes, ks=ks)
     results = {f"knn{k}_top1": acc for k, acc in knn.items()}
     results["knn_top1"] = knn[max(knn)]  # the largest k (200 by default), as in lightly's benchmarks
-    results["linear_top1"] = linear_probe(ftr, ytr, fte, yte, train.num_classes, epochs=linear_epochs, seed=cfg.seed)
+    results["linear_top1"] = linear_probe(ftr, ytr, fte, yte, train.num_classes, epochs=linear_epochs, seed=cfg.seed,
+                                          progress=progress)
     results["eval_test_images"] = len(yte)
     results["eval_split"] = test.split
     results["eval_data_mode"] = mode

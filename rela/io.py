@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -90,3 +92,27 @@ def save_yaml(obj, path) -> None:
 def load_json(path) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def load_torch(path: str | os.PathLike, what: str = "file") -> object:
+    """A torch file read with ``weights_only=True``: tensors, numbers, strings and containers only.
+
+    rela stores nothing else (checkpoints, backbones, banks' metadata are plain dicts), so a file
+    that needs any other class unpickled is refused, before that class's code runs: a run folder or
+    checkpoint from someone else must not be able to execute code. Any failure is one
+    :class:`RelaError` line naming the file.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph of advice to load it unsafely; keep the one fact that matters
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        culprit = f" ({found.group(1)})" if found else ""
+        raise RelaError(f"refusing to load {what} {path}: it holds Python objects{culprit} beyond tensors and "
+                        "plain values, which rela never writes and which could run code when loaded") from None
+    except FileNotFoundError:
+        raise RelaError(f"{what} {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, ...: the same to the user
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise RelaError(f"cannot read {what} {path}: {type(e).__name__}{': ' + reason if reason else ''}") from None

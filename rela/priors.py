@@ -37,6 +37,7 @@ from rela.backbones import build_backbone, strip_classifier
 from rela.data.augment import Normalize, resize_center
 from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from rela.errors import RelaError
+from rela.io import load_torch
 from rela.registry import BACKBONES, PRIORS
 
 BACKBONE_FILE_FORMAT = "rela-backbone-v1"
@@ -131,10 +132,7 @@ def load_backbone_file(path: str | Path) -> dict:
         path = path / "backbone.pt"
     if not path.is_file():
         raise RelaError(f"checkpoint {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise RelaError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    blob = load_torch(path, "checkpoint")  # weights_only: a planted object in it is refused, never run
     if not isinstance(blob, dict) or blob.get("format") != BACKBONE_FILE_FORMAT:
         raise RelaError(f"{path} is not a backbone saved by 'rela train' (format {BACKBONE_FILE_FORMAT})")
     blob["path"] = str(path)
@@ -182,7 +180,9 @@ def _read_state_dict(weights: str) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_torch(path, "prior weights")  # weights_only, one-line errors
+    except RelaError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise RelaError(f"cannot read prior weights {path}: {type(e).__name__}: {e}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

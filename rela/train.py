@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,12 +23,15 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightly.utils.dist import rank as dist_rank
 from torch import nn
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torch.utils.data import BatchSampler, DataLoader
 
 from rela.accelerator import Progress, ReLAAccelerator
 from rela.build import prepare, workers
-from rela.callbacks import KNNMonitor, StepMetrics
+from rela import console
+from rela.callbacks import KNNMonitor, ProgressBar, StepMetrics
 from rela.config import TrainConfig
+from rela.console import console_scope
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
 from rela.data.stream import StreamBatches, StreamSet, in_memory
 from rela.data.subset import LossRecord, RandomRule, SubsetRule
@@ -37,7 +39,8 @@ from rela.distributed import SyncBatchNorm
 from rela.errors import RelaError
 from rela.flops import run_flops, step_flops_per_image
 from rela.hardware import keep_freed_memory, release_freed_memory
-from rela.io import atomic_write, check_writable, load_json, remove_stale_temp_files, save_json, save_torch, save_yaml
+from rela.io import (atomic_write, check_writable, load_json, load_torch, remove_stale_temp_files, save_json,
+                     save_torch, save_yaml)
 from rela.loggers import build_logger, close_logger
 from rela.methods import Method
 from rela.priors import BACKBONE_FILE_FORMAT
@@ -46,12 +49,6 @@ from rela.schedules import lr_factor
 # Test hook: seconds to pause inside every checkpoint write, after the temporary file is written and
 # before it replaces last.ckpt, so benchmarks/kill_resume.py can land a SIGKILL mid-write.
 CHECKPOINT_DELAY_ENV = "RELA_DEBUG_CHECKPOINT_DELAY"
-# Lightning warnings that do not apply to this trainer, silenced around fit() only.
-EXPECTED_WARNINGS = (
-    ".*does not have many workers.*",  # batches are index tensors into on-device images: no workers needed
-    ".*`training_step` returned `None`.*",
-    ".*resuming from a checkpoint that ended before the epoch ended.*",  # handled: see rela_sampler
-)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -68,6 +65,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         atomic_write(path, write)
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Always ``weights_only``: what rela writes is tensors and plain values (:func:`rela.io.load_torch`),
+        and a ``last.ckpt`` from someone else's run folder must not run code on ``--resume``."""
+        checkpoint = load_torch(path, "checkpoint")
+        if not isinstance(checkpoint, dict):
+            raise RelaError(f"cannot resume from {path}: not a checkpoint of 'rela train'")
+        return checkpoint
+
 
 class ReLAModule(L.LightningModule):
     """A base method, optionally accelerated by ReLA, plus the online linear monitor."""
@@ -82,8 +87,8 @@ class ReLAModule(L.LightningModule):
         if self.loss_record is not None:
             self.subset.losses = self.loss_record
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (the sampler's, on the device)
-        # Labels train this classifier for monitoring only: its input is detached.
-        self.monitor = nn.Linear(method.feature_dim, dataset.num_classes)
+        # Labels train this classifier for monitoring only: its input is detached. Unlabelled data: no monitor.
+        self.monitor = nn.Linear(method.feature_dim, dataset.num_classes) if dataset.num_classes else None
         self.normalize = Normalize(dataset.mean, dataset.std, dataset.channels)
         self.num_samples, self.stream = len(dataset), None
         if isinstance(dataset, StreamSet):  # stream mode: workers decode (and augment: --augment-on workers)
@@ -111,6 +116,9 @@ class ReLAModule(L.LightningModule):
         self.wall_before = 0.0  # wall seconds spent by earlier processes of a resumed run
         self.ssl_start_epoch: int | None = None  # epoch of the first step with the base method's loss
         self.views_used: tuple = ()  # the augmentations of the last base-method step (see ssl_views)
+        self.bar: dict[str, float] = {}  # what the progress bar shows (rela.callbacks.ProgressBar)
+        self._bad_step: torch.Tensor | None = None  # the first step whose loss was not finite (watch_finite)
+        self._bad_loss: torch.Tensor | None = None
 
     # --- data -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -122,8 +130,8 @@ class ReLAModule(L.LightningModule):
         self._sampler, self._sampler_state = sampler, None
         batch_size = min(self.cfg.batch_size, len(sampler))
         if batch_size < self.cfg.batch_size:
-            warnings.warn(f"the subset per epoch and rank holds {len(sampler)} images; batch size "
-                          f"lowered from {self.cfg.batch_size} to {batch_size}", stacklevel=1)
+            console.warn(f"the subset per epoch and rank holds {len(sampler)} images; batch size "
+                         f"lowered from {self.cfg.batch_size} to {batch_size}")
         if self.stream is not None:
             return self.stream.loader(sampler, batch_size)
         batches = BatchSampler(sampler, batch_size, drop_last=True)
@@ -160,6 +168,9 @@ class ReLAModule(L.LightningModule):
                         self.trainer.max_epochs)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        # Nothing here reads a device value on the host (a GPU would idle while the host waits), except on
+        # the steps that log: lambda comes from the switch's host view, the switch and the non-finite check
+        # update device tensors, and the logged values are made and read only on those steps.
         parts = self.batch_views(batch)
         if parts is None:
             return None
@@ -168,12 +179,7 @@ class ReLAModule(L.LightningModule):
         step = progress.step
         lam = self.rela.switch.weight(progress) if self.rela is not None else 0.0
         momentum = self.method.update_momentum(*self.momentum_clock(progress, lam))  # in the ReLA phase too (spec step 4)
-        # A phase's loss not computed this step is logged as NaN: Lightning would repeat its last value.
-        loss, logs, rela_loss = 0.0, {"lambda": lam, "method_loss": math.nan}, None
-        if momentum is not None:
-            logs["momentum"] = momentum
-        if self.rela is not None:
-            logs["rela_loss"] = math.nan
+        loss, rela_loss, method_loss = 0.0, None, None
         weights, per_sample = self.batch_weights(index), self.loss_record is not None
         if lam > 0:  # ReLA phase: two cheap views regressed onto the prior's targets
             rela_loss, features = self.rela.step_loss(self.method.backbone, rela_view, index, self.normalize,
@@ -182,7 +188,6 @@ class ReLAModule(L.LightningModule):
                 self.record_losses(index, rela_loss, phase=0)
                 rela_loss = _weighted_mean(rela_loss, weights)
             loss = lam * rela_loss
-            logs["rela_loss"] = rela_loss.detach()
         if lam < 1:  # the method's loss, on its own views (or ReLA's until the epoch ends: --switch-aug-at epoch)
             out = self.method.step_loss(method_views(), y, self.normalize)
             method_loss = out.loss
@@ -190,22 +195,56 @@ class ReLAModule(L.LightningModule):
                 self.record_losses(index, out.per_sample, phase=1)
                 method_loss = _weighted_mean(out.per_sample, weights)
             loss, features = loss + (1 - lam) * method_loss, out.features
-            logs["method_loss"] = method_loss.detach()
-        logits = self.monitor(features.detach().float())
-        monitor_loss = F.cross_entropy(logits, y)
-        logs["monitor_acc"] = (logits.argmax(1) == y).float().mean()
-        if not torch.isfinite(loss):
-            raise RelaError(f"the training loss became {loss.item()} at step {step}; "
-                            "lower --lr (the last good checkpoint is kept)")
+        monitor_loss, logits = self.monitor_step(features, y)
+        self.watch_finite(loss.detach(), step)
         if self.rela is not None:
             # Every rank must take the same decision: the switch sees the loss averaged over ranks.
-            mean_loss = None if rela_loss is None else self.all_gather(rela_loss.detach()).float().mean().item()
+            mean_loss = None if rela_loss is None else self.all_gather(rela_loss.detach()).float().mean()
             self.rela.switch.step(lam, mean_loss, progress)
-            logs.update(self.rela.switch.metrics())  # e.g. rho, after this step's loss went in
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        if self.logs_at(step):
+            self.check_finite()
+            # A phase's loss not computed this step is logged as NaN: Lightning would repeat its last value.
+            logs = {"lambda": lam, "method_loss": math.nan if method_loss is None else method_loss.detach()}
+            if logits is not None:
+                logs["monitor_acc"] = (logits.argmax(1) == y).float().mean()
+            if momentum is not None:
+                logs["momentum"] = momentum
+            if self.rela is not None:
+                logs["rela_loss"] = math.nan if rela_loss is None else rela_loss.detach()
+                logs.update(self.rela.switch.metrics())  # e.g. rho, after this step's loss went in
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, on_epoch=False)
+            self.log("loss", loss.detach(), on_step=True, on_epoch=False)
+            self.bar["loss"] = float(loss.detach())  # the progress bar shows the loss as of the last step that logged
         self._batch_images, self._batch_lam = len(index), lam
         return loss + monitor_loss
+
+    def monitor_step(self, features: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | None]:
+        """The online linear monitor's loss on detached features, and its logits; (0, None) without labels."""
+        if self.monitor is None:
+            return 0.0, None
+        logits = self.monitor(features.detach().float())
+        return F.cross_entropy(logits, y), logits
+
+    def logs_at(self, step: int) -> bool:
+        """Whether step ``step`` writes a log row: Lightning's rule (rows at steps log_every - 1, 2 log_every - 1, ...)."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (step + 1) % every == 0
+
+    def watch_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Remember, on the device, the first step whose loss is not finite (:meth:`check_finite` raises)."""
+        if self._bad_step is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), dtype=torch.float64, device=loss.device)
+        first = (self._bad_step < 0) & ~torch.isfinite(loss)
+        self._bad_step.copy_(torch.where(first, step, self._bad_step))
+        self._bad_loss.copy_(torch.where(first, loss.double(), self._bad_loss))
+
+    def check_finite(self) -> None:
+        """Stop the run if a loss went non-finite: on the steps that log, at epoch ends and before every
+        checkpoint, so the last checkpoint written is the last good one."""
+        if self._bad_step is not None and int(self._bad_step) >= 0:
+            raise RelaError(f"the training loss became {float(self._bad_loss)} at step {int(self._bad_step)}; "
+                            "lower --lr (the last good checkpoint is kept)")
 
     def batch_weights(self, index: torch.Tensor) -> torch.Tensor | None:
         """The loss weights of a batch's images under this epoch's subset draw (None: all 1, the random rule)."""
@@ -229,7 +268,7 @@ class ReLAModule(L.LightningModule):
         """(step, of steps) the momentum schedule follows: the run's, or with ``momentum_after_switch:
         restart`` the steps since the base method's loss began, so its momentum networks warm up again."""
         if self.cfg.momentum_after_switch == "restart" and self.rela is not None and lam < 1:
-            start = int(self.rela.switch.method_start)
+            start = self.rela.switch.method_start_step
             start = progress.step if start < 0 else start  # this step is the first with the method's loss
             return progress.step - start, progress.total_steps - start
         return progress.step, progress.total_steps
@@ -243,6 +282,12 @@ class ReLAModule(L.LightningModule):
         if self.cfg.switch_aug_at == "epoch" and self.rela is not None and self.ssl_start_epoch == self.current_epoch:
             return (self.rela.view,) * len(self.method.views)
         return self.method.views
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     def on_train_epoch_start(self) -> None:
         release_freed_memory()  # the heap's holes from the previous epoch (rela.hardware.keep_freed_memory)
@@ -265,7 +310,10 @@ class ReLAModule(L.LightningModule):
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # a frozen transfer head is not among them
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # fused: one kernel for all the parameters and no read of the step count on the host, where the
+        # default (foreach) reads it per step (a sync on a GPU); measured in benchmarks/step_overhead.py
+        fused = self.device.type in _get_fused_kernels_supported_devices()
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1)  # over the steps this run actually takes
         factor = lr_factor(self.cfg.lr_schedule, total=total, warmup=int(self.cfg.warmup * total))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -273,6 +321,7 @@ class ReLAModule(L.LightningModule):
 
     # --- checkpoint extras ------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # never a checkpoint of weights trained on a non-finite loss
         checkpoint["rela_budget"] = dict(self.budget)
         checkpoint["rela_history"] = list(self.history)
         checkpoint["rela_wall_seconds"] = self.wall_seconds()
@@ -372,19 +421,17 @@ def _check_out_dir(cfg: TrainConfig) -> Path:
 
 @contextmanager
 def _quiet_lightning():
-    """Lightning's info banners and its warnings that do not apply here, off for this fit only."""
+    """Lightning's info banners off for this fit only (its warnings that do not apply: rela.console)."""
     logger = logging.getLogger("lightning.pytorch")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
-        with warnings.catch_warnings():
-            for message in EXPECTED_WARNINGS:
-                warnings.filterwarnings("ignore", message)
-            yield
+        yield
     finally:
         logger.setLevel(level)
 
 
+@console_scope()
 def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     """Run one training job as configured; returns the metrics written to ``metrics.json``.
 
@@ -414,11 +461,11 @@ def train(cfg: TrainConfig, callbacks: list[Callback] = ()) -> dict:
     # Both write last.ckpt: at every epoch end and every checkpoint_every steps inside an epoch.
     every = [{"every_n_epochs": 1}] + ([{"every_n_train_steps": cfg.checkpoint_every}] if cfg.checkpoint_every else [])
     step_metrics = StepMetrics()
-    callbacks = [*callbacks, step_metrics]
+    callbacks = [*callbacks, step_metrics] + ([ProgressBar()] if cfg.progress else [])
     callbacks += [ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
                                   enable_version_counter=False, **when) for when in every]
     if run.test_set is not None:
-        callbacks.insert(0, KNNMonitor(train_set, run.test_set, cfg.probe_every))
+        callbacks.insert(0, KNNMonitor(run.probe_memory, run.test_set, cfg.probe_every))
     with _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, **_trainer_layout(cfg), precision=_precision(cfg),
@@ -482,9 +529,11 @@ def _share(wait: float, busy: float) -> float | None:
 def _check_checkpoint_fits(path: Path, module: ReLAModule) -> None:
     """Refuse, before training, a checkpoint of another model (another --backbone, --method or --prior)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, ...
-        raise RelaError(f"cannot resume from {path}: unreadable checkpoint ({type(e).__name__}); "
+        saved = load_torch(path, "checkpoint")["state_dict"]
+    except RelaError as e:  # a planted payload, truncated, not a torch file: nothing of it ran
+        raise RelaError(f"cannot resume: {e}; delete it to start over") from None
+    except (TypeError, KeyError):
+        raise RelaError(f"cannot resume from {path}: not a checkpoint of 'rela train'; "
                         "delete it to start over") from None
     expected = module.state_dict()
     problems = [f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} here"

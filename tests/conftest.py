@@ -40,8 +40,10 @@ FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz
 # Arguments every tiny CLI run shares; tests add --out, --cache-dir and what they vary (a later --switch wins).
 # The authors' adaptive switch cannot fire within these 8 steps, so a ReLA run stays in the ReLA phase unless a
 # test names another switch; the default (soft-plateau) can hand over within a few steps of so short a run.
+# --accelerator cpu: the thresholds these runs are checked against were measured on CPU in fp32 (on a GPU,
+# "auto" trains in bf16, another run).
 TINY = ["--dataset", "synthetic", "--backbone", "convnet", "--batch-size", "32", "--ratio", "0.3",
-        "--epochs", "2", "--no-progress", "--switch", "adaptive"]
+        "--epochs", "2", "--no-progress", "--switch", "adaptive", "--accelerator", "cpu"]
 # 2 epochs x floor(round(0.3 * 512) / 32) = 2 x floor(154 / 32) = 2 x 4
 TINY_STEPS = 2 * (round(0.3 * 512) // 32)
 EVAL = ["--no-progress", "--linear-epochs", "10"]

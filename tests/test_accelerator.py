@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rela.accelerator import (
+    LAG,
     AdaptiveSwitch,
     ConstantSwitch,
     NeverSwitch,
@@ -83,14 +84,15 @@ def test_accelerator_regresses_indexed_targets():
 
 def reference_switch_step(losses, threshold=0.995):
     """The spec's rule, written out independently of rela: rho crossing the threshold at step t makes
-    t + 1 the first base-method step, which is the hand-over recorded (the authors log t + 1 too)."""
+    t + 1 the first base-method step in the authors' code; rela's host learns of it LAG steps late (it
+    never waits for the device), so t + 1 + LAG is its first base-method step, the hand-over recorded."""
     fast, slow = 1.0, 2.0
     for step, loss in enumerate(losses):
         rho = math.exp(-max(slow - fast, 0.0))
         fast = 0.999 * fast + 0.001 * loss
         slow = 0.99 * slow + 0.01 * fast
         if rho >= threshold:
-            return step + 1
+            return step + 1 + LAG
     return None
 
 
@@ -133,7 +135,9 @@ def test_adaptive_switch_waits_for_the_plateau(name):
     switch = AdaptiveSwitch()
     assert switch.weight(at(0)) == 1.0
     assert drive(switch, losses) == expected
-    assert switch.weight(at(0)) == 0.0 and switch.weight(at(5, epoch=5, epochs=6)) == 0.0
+    # lambda is 0 from the hand-over on; a step before it still ran ReLA (the decision had not reached the host)
+    assert switch.weight(at(expected - 1)) == 1.0
+    assert switch.weight(at(expected)) == 0.0 and switch.weight(at(expected + 5, epoch=5, epochs=6)) == 0.0
     assert float(switch.rho) >= 0.995
 
 
@@ -164,7 +168,7 @@ def test_adaptive_switch_is_final():
     step = drive(switch, losses)
     switch.update(5.0, at(step + 1))  # a later spike does not switch back or move the step
     switch.record_switch(step + 2)
-    assert bool(switch.switched) and int(switch.switch_step) == step and switch.weight(at(0)) == 0.0
+    assert bool(switch.switched) and int(switch.switch_step) == step and switch.weight(at(step + 1)) == 0.0
 
 
 def test_adaptive_switch_state_survives_state_dict():
@@ -181,7 +185,7 @@ def test_adaptive_switch_state_survives_state_dict():
     # and a switched controller stays switched after a round trip
     again = AdaptiveSwitch()
     again.load_state_dict(resumed.state_dict())
-    assert bool(again.switched) and int(again.switch_step) == expected and again.weight(at(0)) == 0.0
+    assert bool(again.switched) and int(again.switch_step) == expected and again.weight(at(expected)) == 0.0
 
 
 # --- constant / never / build_switch --------------------------------------------------
@@ -433,3 +437,28 @@ def test_ramp_switch_follows_training_progress():
     assert [switch.weight(at(s, 100)) for s in (0, 24, 25, 50, 75, 99)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
     hard = build_switch("soft:0.3:0")
     assert [hard.weight(at(s, 10)) for s in (2, 3)] == [1.0, 0.0]
+
+
+# --- the host's view of the switch, read late (issue 26) ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adaptive:0.6", "plateau", "soft-plateau"])
+def test_lambda_is_the_same_read_late_or_now(name):
+    """On a GPU the host reads the switch's state through copies LAG steps old (Switch.publish), on CPU the
+    state itself: a decision carries the step it takes effect, so both give the same lambda at every step."""
+    losses = stretched(400, noise=0.02)
+    now, late = build_switch(name), build_switch(name)
+    late.lagged = True  # the GPU's code path: ring of host copies, on CPU tensors
+    assert run_switch(now, losses) == run_switch(late, losses)
+    assert bool(now.switched) and int(now.switch_step) == int(late.switch_step)
+    # and the host never saw a state newer than LAG steps: the view after the last step is one step old
+    assert late.host_view()["switch_step"] == int(late.switch_step)
+
+
+def test_a_decision_takes_effect_lag_steps_later():
+    """adaptive:0 decides at its first ReLA step (rho = e^-1 >= 0); the host, LAG steps behind, runs
+    steps 0..LAG with ReLA, and step LAG + 1 is the first base-method step (the authors': step 1)."""
+    switch = build_switch("adaptive:0")
+    switch.lagged = True
+    lams = run_switch(switch, [0.5] * 6, total=6)
+    assert lams == [1.0] * (LAG + 1) + [0.0] * (5 - LAG) and int(switch.switch_step) == LAG + 1

@@ -46,7 +46,7 @@ def _momentum_followed(before: dict, method) -> bool:
 
 
 def _cfg(tmp_path, method, prior, switch="adaptive", epochs=1):
-    return TrainConfig(dataset="synthetic:128", method=method, prior=prior, switch=switch, epochs=epochs,
+    return TrainConfig(accelerator="cpu", dataset="synthetic:128", method=method, prior=prior, switch=switch, epochs=epochs,
                        batch_size=32, probe_every=0, progress=False, cache_dir=str(tmp_path / "cache"),
                        out=str(tmp_path / "run"), extra={})
 

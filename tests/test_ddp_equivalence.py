@@ -90,6 +90,7 @@ def _config(base: Path, case: str, mode: str, batch: int) -> dict:
             "switch": "never", "ratio": 1.0, "epochs": 1, "max_steps": 1, "batch_size": batch, "seed": 0,
             "accelerator": "cpu", "devices": 1 if mode == "single" else 2, "sync_batchnorm": synced,
             "probe_every": 0, "progress": False, "checkpoint_every": 0, "extra": extra,
+            "log_every": 1,  # the step logs its loss (recording_step reads it); only steps that log do
             "out": str(base / f"{case}-{mode}"), "cache_dir": str(base / "cache")}
 
 

@@ -24,7 +24,7 @@ from rela.targets import transport
 from rela.train import train
 
 TINY_CFG = dict(dataset="synthetic", backbone="convnet", batch_size=32, ratio=0.125, epochs=2, probe_every=0,
-                progress=False, checkpoint_every=0,  # 64 images per epoch: 2 steps of 32
+                progress=False, checkpoint_every=0, accelerator="cpu",  # 64 images per epoch: 2 steps of 32
                 switch="adaptive")  # cannot fire in 4 steps: ReLA-phase runs unless a test names a switch
 
 
@@ -133,8 +133,9 @@ def test_constant_momentum_schedule_keeps_0_99_and_leaves_the_lr_schedule_alone(
 
 @pytest.mark.parametrize("at", ["step", "epoch"])
 def test_switch_aug_at_epoch_keeps_relas_views_until_the_epoch_of_the_switch_ends(tmp_path, at):
-    # adaptive:0 hands over after the first step, in the middle of epoch 0 (2 steps per epoch)
-    rec = fit(tmp_path, at, prior="random", switch="adaptive:0", switch_aug_at=at)
+    # soft:0.25:0 hands over at a quarter of the 4 steps, step 1, in the middle of epoch 0 (2 steps per epoch)
+    # (adaptive:0, deciding at step 0, now hands over at step 1 + LAG: the start of epoch 1)
+    rec = fit(tmp_path, at, prior="random", switch="soft:0.25:0", switch_aug_at=at)
     assert rec.lam == [1.0, 0.0, 0.0, 0.0]
     # step 0: ReLA only; step 1: the base method in epoch 0; steps 2-3: in epoch 1
     expected = [None, True, False, False] if at == "epoch" else [None, False, False, False]
@@ -159,8 +160,8 @@ def test_rela_augment_names_the_views_of_the_rela_phase_only(tmp_path):
 def test_momentum_after_switch_restart_starts_the_schedule_again_where_the_methods_loss_begins(tmp_path, mode):
     from rela.schedules import momentum_schedule
     cosine = momentum_schedule("cosine")
-    # adaptive:0 hands over after step 0 of 4: steps 1-3 train the base method
-    rec = fit(tmp_path, mode, prior="random", switch="adaptive:0", momentum_after_switch=mode)
+    # soft:0.25:0 hands over after step 0 of 4: steps 1-3 train the base method
+    rec = fit(tmp_path, mode, prior="random", switch="soft:0.25:0", momentum_after_switch=mode)
     assert rec.lam == [1.0, 0.0, 0.0, 0.0] and rec.momentum[0] is None  # step 0: the EMA still equals the learner
     clock = [(s - 1, 3) for s in (1, 2, 3)] if mode == "restart" else [(s, 4) for s in (1, 2, 3)]
     assert rec.momentum[1:] == pytest.approx([cosine(s, n, 0.99, 1.0) for s, n in clock], abs=2e-4)

@@ -18,7 +18,7 @@ from test_targets import _features, _numpy_pca
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from rela.accelerator import AdaptiveSwitch, NeverSwitch, PlateauSwitch, Progress, ReLAAccelerator, build_switch, rela_loss
+from rela.accelerator import LAG, AdaptiveSwitch, NeverSwitch, PlateauSwitch, Progress, ReLAAccelerator, build_switch, rela_loss
 from rela.backbones import build_backbone
 from rela.build import prepare
 from rela.config import TrainConfig
@@ -177,7 +177,7 @@ def test_switch_metrics_report_what_the_switch_watches():
 
 
 def _module(tmp_path, switch: str, prior: str = "random", epochs: int = 1) -> ReLAModule:
-    cfg = TrainConfig(dataset="synthetic:128", prior=prior, switch=switch, batch_size=32, epochs=epochs,
+    cfg = TrainConfig(accelerator="cpu", dataset="synthetic:128", prior=prior, switch=switch, batch_size=32, epochs=epochs,
                       probe_every=0, progress=False, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"))
     run = prepare(cfg)
     return ReLAModule(cfg, run.method, run.rela, run.train_set)
@@ -282,7 +282,8 @@ def test_plateau_before_any_loss_and_at_a_loss_of_zero():
     switch = PlateauSwitch()
     assert math.isnan(switch.smoothed(at(0, 1000))) and switch.weight(at(0, 1000)) == 1.0
     # A loss at its minimum, 0, never improves by a relative threshold: the plateau is reached
-    # patience (5 % of 1000 = 50 steps) after the first step, and the next step runs at lambda 0.
+    # patience (5 % of 1000 = 50 steps) after the first step; the host learns it LAG steps late (its
+    # last step at lambda 1 is 50 + LAG, the plateau_step recorded) and the next step runs at lambda 0.
     lams = run_switch(switch, np.zeros(1000))
-    assert int(switch.plateau_step) == 50 and int(switch.switch_step) == 51
-    assert lams[:51] == [1.0] * 51 and lams[51] == 0.0
+    assert int(switch.plateau_step) == 50 + LAG and int(switch.switch_step) == 51 + LAG
+    assert lams[:51 + LAG] == [1.0] * (51 + LAG) and lams[51 + LAG] == 0.0

@@ -19,7 +19,7 @@ LR = 2e-3
 
 def _module(tmp_path, **overrides):
     # synthetic:128 in batches of 32: 4 steps per epoch, 16 in 4 epochs
-    cfg = TrainConfig(dataset="synthetic:128", prior="random", switch="never", batch_size=32, epochs=4, lr=LR,
+    cfg = TrainConfig(accelerator="cpu", dataset="synthetic:128", prior="random", switch="never", batch_size=32, epochs=4, lr=LR,
                       warmup=0.25, probe_every=0, progress=False, cache_dir=str(tmp_path / "cache"),
                       out=str(tmp_path / "run"), **overrides)
     run = prepare(cfg)

@@ -23,6 +23,7 @@ from conftest import TINY, TINY_STEPS, backbone_state, read_metrics, run_ok, tra
 from test_cli import expect_user_error
 from test_data import make_image_folder
 
+from rela.accelerator import LAG
 from rela.cli import main
 from rela.data import DynamicSubsetSampler
 from rela.errors import RelaError
@@ -131,8 +132,9 @@ def test_truncated_image_is_named_or_skipped(capsys, tmp_path):
     out = tmp_path / "out"
     err = expect_user_error(capsys, [*args, "--out", str(out)], str(bad))
     assert "--skip-bad-images" in err and not out.exists()
-    with pytest.warns(UserWarning, match="skipped 1 image"):
-        run_ok([*args, "--out", str(out), "--skip-bad-images"])
+    run_ok([*args, "--out", str(out), "--skip-bad-images"])
+    warned = [line for line in capsys.readouterr().err.splitlines() if "skipped 1 image" in line]
+    assert len(warned) == 1 and warned[0].startswith("rela: warning: ") and str(bad) in warned[0]
     m = read_metrics(out)
     assert m["skipped_images"] == 1 and m["images_seen"] == 4  # 7 images left: one batch of 4
 
@@ -252,12 +254,13 @@ ReLAModule.training_step = dying_step
 sys.exit(main(sys.argv[1:]))
 """
 # The adaptive rule (test_accelerator.reference_switch_step) on TINY's ReLA losses (~1) reaches
-# rho >= 0.377 at its 4th update: ReLA for steps 0-3, the base method from step 4 on (the hand-over).
-EARLY_SWITCH, SWITCH_STEP = "adaptive:0.377", 4
+# rho >= 0.377 at its 4th update (step 3): the host learns it LAG steps late, so ReLA for steps 0-3 + LAG,
+# the base method from step 4 + LAG on (the hand-over).
+EARLY_SWITCH, SWITCH_STEP = "adaptive:0.377", 4 + LAG
 
 
 def test_sigkill_after_the_switch_resumes_to_identical_weights(tmp_path):
-    """Killed at step 7, after the switch (step 4) and the step-6 checkpoint: the resumed run must
+    """Killed at step 7, after the switch (step 5) and the step-6 checkpoint: the resumed run must
     go on with the base method alone and end as the uninterrupted run does."""
     reference = tmp_path / "reference"
     run_ok(reference_args(reference, tmp_path / "cache", "--switch", EARLY_SWITCH))

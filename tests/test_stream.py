@@ -45,7 +45,7 @@ def make_jpeg_folder(root: Path, per_class: int = 8, splits=("train", "test"), s
 def stream_cfg(root: Path, tmp: Path, **fields) -> TrainConfig:
     base = dict(dataset=f"imagefolder:{root}", image_size=16, backbone="convnet", batch_size=8, ratio=0.5,
                 epochs=2, probe_every=0, progress=False, cache_dir=str(tmp / "cache"), out=str(tmp / "run"),
-                data_mode="stream", num_workers=0, checkpoint_every=0)
+                data_mode="stream", num_workers=0, checkpoint_every=0, accelerator="cpu")
     return TrainConfig(**{**base, **fields})
 
 

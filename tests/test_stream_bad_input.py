@@ -75,7 +75,7 @@ def test_file_deleted_after_indexing(tmp_path):
 
     root = make_jpeg_folder(tmp_path / "pics", splits=("train",))
     gone = root / "train" / "ant" / "005.jpg"
-    cfg = TrainConfig(dataset=f"imagefolder:{root}", image_size=16, backbone="convnet", batch_size=8, epochs=2,
+    cfg = TrainConfig(accelerator="cpu", dataset=f"imagefolder:{root}", image_size=16, backbone="convnet", batch_size=8, epochs=2,
                       probe_every=0, progress=False, data_mode="stream", num_workers=2, checkpoint_every=0,
                       out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(RelaError, match=f"cannot decode image {gone}: No such file or directory") as info:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rela import console
 from rela.errors import RelaError
 from rela.registry import DATASETS
 FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -41,6 +41,8 @@ class ImageDataset:
     std: tuple[float, ...]
     _fingerprint: str | None = field(default=None, repr=False)
     skipped: tuple[str, ...] = ()  # files left out because they did not decode (--skip-bad-images)
+    # why the set has no labels (num_classes 0, every label -1), e.g. "images directly in the folder"; None: labelled
+    unlabelled: str | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -76,7 +78,14 @@ class ImageDataset:
         return ImageDataset(
             self.name, self.split, self.images[:limit].clone(), self.labels[:limit].clone(),
             self.num_classes, self.mean, self.std, self.derived_key(f"first {limit}"), skipped=self.skipped,
+            unlabelled=self.unlabelled,
         )
+
+    def take(self, rows: torch.Tensor, part: str) -> "ImageDataset":
+        """The images at ``rows`` (an index tensor); ``part`` names the selection in the bank key."""
+        return ImageDataset(self.name, self.split, self.images[rows], self.labels[rows], self.num_classes,
+                            self.mean, self.std, self.derived_key(part), skipped=self.skipped,
+                            unlabelled=self.unlabelled)
 
     def derived_key(self, part: str) -> str | None:
         """A part's fingerprint from a key set without hashing pixels (files' identity), else None (hash later)."""
@@ -95,6 +104,8 @@ def load_dataset(
     holdout: int | None = None,
     skip_bad_images: bool = False,
     verify_data: bool = False,
+    labels: str = "auto",
+    progress: bool = False,
 ) -> ImageDataset:
     """Load ``split`` ("train" or "test") of the dataset called ``name``.
 
@@ -102,22 +113,26 @@ def load_dataset(
     rest the training split: a validation set for choosing settings without
     touching the real test split. ``skip_bad_images`` leaves out image-folder
     files that do not decode (listed in ``skipped``) instead of failing on the first;
-    ``verify_data`` keys file datasets by their content, not their names, sizes and mtimes.
+    ``verify_data`` keys file datasets by their content, not their names, sizes and mtimes;
+    ``labels`` (auto, folders, none) says how an image folder's labels are read
+    (:func:`rela.data.files.unlabelled_reason`); ``progress`` shows a bar while an image folder decodes.
     """
     if split not in ("train", "test"):
         raise RelaError(f"unknown split {split!r}; valid choices: train, test")
     if holdout:
         full = load_dataset(name, "train", root, download, None, image_size, skip_bad_images=skip_bad_images,
-                            verify_data=verify_data)
+                            verify_data=verify_data, labels=labels, progress=progress)
         if not 0 < holdout < len(full):
             raise RelaError(f"holdout must be between 1 and {len(full) - 1} for {name}, got {holdout}")
         keep = slice(None, len(full) - holdout) if split == "train" else slice(len(full) - holdout, None)
         part = ImageDataset(full.name, f"{split}-holdout{holdout}", full.images[keep].clone(),
                             full.labels[keep].clone(), full.num_classes, full.mean, full.std,
-                            full.derived_key(f"{split}-holdout{holdout}"), skipped=full.skipped)
+                            full.derived_key(f"{split}-holdout{holdout}"), skipped=full.skipped,
+                            unlabelled=full.unlabelled)
         return part.subset(limit)
     ds = DATASETS.create(name, split, root=root, download=download, image_size=image_size,
-                         skip_bad_images=skip_bad_images, verify_data=verify_data)
+                         skip_bad_images=skip_bad_images, verify_data=verify_data, labels=labels,
+                         progress=progress)
     return ds.subset(limit)
 
 
@@ -239,12 +254,13 @@ def _cifar(name: str, split: str, root, download: bool) -> ImageDataset:
 
 # --- ImageFolder (one sub-folder per class) and WebDataset shards -------------------------
 
-@DATASETS.register("imagefolder", arg="PATH", help="one sub-folder per class; PATH/train + PATH/test or "
+@DATASETS.register("imagefolder", arg="PATH", help="one sub-folder per class, or images directly inside "
+                                                   "(unlabelled; see --labels); PATH/train + PATH/test or "
                                                    "PATH/val when present; --image-size, default 64")
-def _image_folder(path: str, split: str, **options) -> ImageDataset:
+def _image_folder(path: str, split: str, labels: str = "auto", **options) -> ImageDataset:
     from rela.data.files import image_folder
 
-    return decode_files(image_folder(path, split), **options)
+    return decode_files(image_folder(path, split, labels), **options)
 
 
 @DATASETS.register("shards", arg="PATH", help="WebDataset tar shards made by 'rela shard' (PATH/train, "
@@ -256,7 +272,7 @@ def _shards(path: str, split: str, skip_bad_images: bool = False, **options) -> 
 
 
 def decode_files(files, image_size: int | None = None, skip_bad_images: bool = False, verify_data: bool = False,
-                 **_) -> ImageDataset:
+                 progress: bool = False, **_) -> ImageDataset:
     """Decode every image of a :class:`rela.data.files.FileSource` into memory (memory mode).
 
     The bank key is the files' identity (names, sizes, modification times), not the decoded
@@ -267,7 +283,7 @@ def decode_files(files, image_size: int | None = None, skip_bad_images: bool = F
     image_size = image_size or DEFAULT_IMAGE_SIZE
     images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
     good, skipped = [], list(files.skipped)
-    for i in range(len(files)):
+    for i in console.bar(range(len(files)), desc=f"decoding {files.root.name}", enabled=progress, unit="img"):
         try:
             images[i] = files.image(i, image_size)
             good.append(i)
@@ -280,13 +296,12 @@ def decode_files(files, image_size: int | None = None, skip_bad_images: bool = F
     if skipped:
         if not good:
             raise RelaError(f"{files.name}: none of its {len(skipped)} images decodes")
-        warnings.warn(f"skipped {len(skipped)} image(s) of {files.root} that do not decode, e.g. {skipped[0]}",
-                      stacklevel=2)
+        console.warn(f"skipped {len(skipped)} image(s) of {files.root} that do not decode, e.g. {skipped[0]}")
         images, labels = images[good], labels[good]
     key = files.take(good).fingerprint(image_size, verify_data) if skipped else files.fingerprint(image_size,
                                                                                                  verify_data)
     return ImageDataset(files.name, files.split, images, labels, len(files.classes), IMAGENET_MEAN, IMAGENET_STD,
-                        _fingerprint=key, skipped=tuple(skipped))
+                        _fingerprint=key, skipped=tuple(skipped), unlabelled=files.unlabelled)
 
 
 # --- scikit-learn's digits: a second, different small dataset -----------------------

@@ -19,6 +19,10 @@ every file's content instead.
 byte offset, byte size, label per sample), written by ``rela shard``. The index gives
 random access by sample number (``os.pread`` at an offset), which the per-epoch random
 subset needs; the tars stay plain WebDataset shards any WebDataset pipeline reads.
+
+**Unlabelled folders** (``labels``: :func:`unlabelled_reason`): images directly in the folder, or
+``labels="none"``, index every image under it, recursively, with no classes and every label -1
+(:data:`NO_LABEL`); their shards hold ``KEY.<ext>`` alone (no ``.cls``) and index.json says why.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rela.console import bar, console_scope
 from rela.errors import RelaError
 
 SHARD_FORMAT = "rela-shards-v1"
@@ -65,6 +70,10 @@ def decode(data: bytes, image_size: int, path: str = "?") -> torch.Tensor:
     return v2.functional.pil_to_tensor(v2.functional.center_crop(v2.functional.resize(rgb, image_size), image_size))
 
 
+LABELS = ("auto", "folders", "none")  # how an image folder's labels are read (TrainConfig.labels)
+NO_LABEL = -1  # the label of every image of an unlabelled set
+
+
 def split_dir(base: Path, split: str) -> Path:
     """The folder of ``split``: base/train, base/test or base/val, or base itself for a flat training folder."""
     if not base.is_dir():
@@ -76,6 +85,47 @@ def split_dir(base: Path, split: str) -> Path:
             raise RelaError(f"image folder {base} has no test/ or val/ sub-folder to evaluate on")
         found = base  # the authors' layout: the folder itself holds one sub-folder per class
     return found
+
+
+def has_test_split(spec: str) -> bool | None:
+    """Whether ``imagefolder:PATH`` / ``shards:PATH`` has a test (or val) split; None for other datasets."""
+    kind, _, path = spec.partition(":")
+    base = Path(path).expanduser()
+    if kind == "imagefolder":
+        return any((base / n).is_dir() for n in ("test", "val"))
+    if kind == "shards":
+        return any((base / n / "index.json").is_file() for n in ("test", "val"))
+    return None
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+
+
+def all_images(folder: Path) -> list[str]:
+    """Every image file under ``folder``, recursively, as sorted paths relative to it (hidden entries left out)."""
+    found = []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.relpath(os.path.join(top, n), folder) for n in names if _is_image(n)]
+    return sorted(found)
+
+
+def unlabelled_reason(folder: Path, labels: str) -> str | None:
+    """Why ``folder`` is read without labels under the rule ``labels``, or None: it is read as class folders.
+
+    ``auto``: images directly in the folder mean an unlabelled set (the common case of a photo dump);
+    a folder holding only sub-folders is read as one sub-folder per class, as torchvision does.
+    """
+    if labels == "none":
+        return "--labels none"
+    direct = any(e.is_file() and _is_image(e.name) for e in os.scandir(folder))
+    if not direct:
+        return None
+    if labels == "folders":
+        raise RelaError(f"image folder {folder} holds images directly, not one sub-folder per class as --labels "
+                        "folders requires; pass --labels auto (or none) to train on it unlabelled")
+    return "images directly in the folder"
 
 
 @dataclass
@@ -91,6 +141,7 @@ class FileSource:
     shards: list[dict] = field(default_factory=list)  # shards: index.json's shard records
     slots: np.ndarray | None = None  # shards: rows of (shard, offset, size, label)
     skipped: list[str] = field(default_factory=list)  # images left out when opening (a truncated shard's)
+    unlabelled: str | None = None  # why the set has no labels (no classes, every label NO_LABEL), or None
     _fds: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -156,12 +207,24 @@ class FileSource:
         return h.hexdigest()
 
 
-def image_folder(path: str, split: str) -> FileSource:
-    """Index ``imagefolder:PATH``'s split: one sub-folder per class, image files by extension."""
+def image_folder(path: str, split: str, labels: str = "auto") -> FileSource:
+    """Index ``imagefolder:PATH``'s split: one sub-folder per class, or unlabelled (see :func:`unlabelled_reason`).
+
+    An unlabelled set holds every image under the split's folder, recursively, in sorted order.
+    """
     from torchvision.datasets.folder import find_classes, make_dataset
 
+    if labels not in LABELS:
+        raise RelaError(f"unknown labels {labels!r}; valid choices: {', '.join(LABELS)}")
     base = Path(path).expanduser()
     folder = split_dir(base, split)
+    why = unlabelled_reason(folder, labels)
+    if why is not None:
+        files = all_images(folder)
+        if not files:
+            raise RelaError(f"image folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        return FileSource(f"imagefolder:{base.resolve()}", split, folder, [], np.full(len(files), NO_LABEL),
+                          files=files, unlabelled=why)
     try:
         classes, class_to_idx = find_classes(str(folder))
         samples = make_dataset(str(folder), class_to_idx, extensions=IMAGE_SUFFIXES)
@@ -212,26 +275,31 @@ def shard_folder(path: str, split: str, skip_bad_images: bool = False) -> FileSo
     if not keep.any():
         raise RelaError(f"shard folder {folder}: no readable shard left")
     slots = slots[keep]
+    unlabelled = None if index["classes"] else f"shards of {index.get('unlabelled', 'an unlabelled folder')}"
     return FileSource(f"shards:{base.resolve()}", split, folder, list(index["classes"]),
-                      slots[:, 3].astype(np.int64), shards=list(index["shards"]), slots=slots, skipped=skipped)
+                      slots[:, 3].astype(np.int64), shards=list(index["shards"]), slots=slots, skipped=skipped,
+                      unlabelled=unlabelled)
 
 
-def open_files(spec: str, split: str, skip_bad_images: bool = False) -> FileSource | None:
+def open_files(spec: str, split: str, skip_bad_images: bool = False, labels: str = "auto") -> FileSource | None:
     """The :class:`FileSource` of a dataset spec, or None for datasets that are not files (fashion-mnist, ...)."""
     kind, _, path = spec.partition(":")
     if kind == "imagefolder":
-        return image_folder(path, split)
+        return image_folder(path, split, labels)
     if kind == "shards":
         return shard_folder(path, split, skip_bad_images)
     return None
 
 
-def write_shards(src: FileSource, out: Path, samples_per_shard: int = 10_000) -> dict:
+@console_scope()
+def write_shards(src: FileSource, out: Path, samples_per_shard: int = 10_000, progress: bool = False) -> dict:
     """Copy ``src``'s encoded images, unchanged, into WebDataset tars under ``out`` plus the index."""
+
     if samples_per_shard < 1:
         raise RelaError(f"samples per shard must be >= 1, got {samples_per_shard}")
     out.mkdir(parents=True, exist_ok=True)
     shards, rows = [], []
+    images = bar(total=len(src), desc=f"shard: {src.root.name}", enabled=progress, unit="img")
     for first in range(0, len(src), samples_per_shard):
         name = f"shard-{len(shards):06d}.tar"
         tmp = out / f".{name}.tmp"
@@ -243,10 +311,14 @@ def write_shards(src: FileSource, out: Path, samples_per_shard: int = 10_000) ->
                     raise RelaError(f"cannot read image {e.path}: {e.reason}") from None
                 suffix = Path(src.files[i]).suffix.lower().lstrip(".") if src.slots is None else "img"
                 key = f"{i:09d}"
-                for member, payload in ((f"{key}.{suffix}", data), (f"{key}.cls", str(src.labels[i]).encode())):
+                members = [(f"{key}.{suffix}", data)]
+                if src.classes:  # an unlabelled set's samples are the image alone (WebDataset has no "no label")
+                    members.append((f"{key}.cls", str(src.labels[i]).encode()))
+                for member, payload in members:
                     info = tarfile.TarInfo(member)
                     info.size, info.mtime, info.mode = len(payload), 0, 0o444
                     tar.addfile(info, io.BytesIO(payload))
+                images.update()
         shard = len(shards)
         with tarfile.open(tmp) as tar:  # where each image's bytes landed: the random-access index
             for m in tar.getmembers():
@@ -256,7 +328,10 @@ def write_shards(src: FileSource, out: Path, samples_per_shard: int = 10_000) ->
         os.replace(tmp, out / name)
         shards.append({"file": name, "bytes": (out / name).stat().st_size,
                        "samples": min(samples_per_shard, len(src) - first)})
+    images.close()
     np.save(out / "index.npy", np.array(rows, dtype=np.int64).reshape(-1, 4))
     index = {"format": SHARD_FORMAT, "classes": src.classes, "samples": len(src), "shards": shards}
+    if src.unlabelled:
+        index["unlabelled"] = src.unlabelled
     (out / "index.json").write_text(json.dumps(index, indent=1))
     return index

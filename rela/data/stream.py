@@ -24,7 +24,6 @@ drops it and lists it, and the main process either stops with a one-line
 from __future__ import annotations
 
 import os
-import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 from rela.data.augment import ViewAugment, blur_kernel
 from rela.data.datasets import ImageDataset
 from rela.data.files import BadImage, FileSource
+from rela import console
 from rela.errors import RelaError
 
 
@@ -59,6 +59,7 @@ class StreamSet:
         self.name, self.split = files.name, files.split
         self.mean, self.std = tuple(mean), tuple(std)
         self.num_classes = len(files.classes)
+        self.unlabelled = files.unlabelled  # why there are no labels (num_classes 0), or None
         self.labels = torch.from_numpy(np.ascontiguousarray(files.labels, dtype=np.int64))
         self.skip_bad_images, self.verify_data = skip_bad_images, verify_data
         self.skipped: set[str] = set(files.skipped)  # files found bad so far and left out (--skip-bad-images)
@@ -90,7 +91,7 @@ class StreamSet:
                             "--skip-bad-images to leave such files out")
         new = {path for path, _ in items} - self.skipped
         if new:
-            warnings.warn(f"skipped {len(new)} image(s) that do not decode, e.g. {sorted(new)[0]}", stacklevel=2)
+            console.warn(f"skipped {len(new)} image(s) that do not decode, e.g. {sorted(new)[0]}")
             self.skipped |= new
 
     def decoded(self, limit: int | None = None, workers: int = 0) -> ImageDataset:
@@ -105,7 +106,7 @@ class StreamSet:
                 images[batch["index"]] = batch["image"]
             keep[batch["bad_index"]] = False
         data = ImageDataset(self.name, self.split, images[keep], part.labels[keep], self.num_classes,
-                            self.mean, self.std)
+                            self.mean, self.std, unlabelled=self.unlabelled)
         data._fingerprint = part.fingerprint()
         return data
 

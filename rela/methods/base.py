@@ -21,7 +21,7 @@ import copy
 from typing import NamedTuple
 
 import torch
-from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.models.utils import deactivate_requires_grad
 from torch import nn
 
 from rela.data.augment import ViewAugment
@@ -88,8 +88,12 @@ class Method(nn.Module):
         if not self._momentum_pairs:
             return None
         m = self.momentum_schedule(step, max_steps, *self.momentum_range)
-        for online, ema in self._momentum_pairs:
-            update_momentum(getattr(self, online), getattr(self, ema), m)
+        # lightly's update_momentum, ema = m * ema + (1 - m) * online, as one foreach lerp over all the
+        # parameters instead of three operators per parameter (measured: benchmarks/step_overhead.py)
+        online = [p for name, _ in self._momentum_pairs for p in getattr(self, name).parameters()]
+        ema = [p for _, name in self._momentum_pairs for p in getattr(self, name).parameters()]
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, online, 1.0 - m)
         return m
 
     @torch.no_grad()
