@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import TINY, run_ok, train_module
+import yaml
+from conftest import TINY, TINY_STEPS, run_ok, train_module
 
 from rela.hardware import autocast_dtype, to_device
 
@@ -24,6 +27,32 @@ def test_autocast_dtype_and_copies_follow_the_device():
     batch = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     moved = to_device(batch, "cpu")
     assert moved.data_ptr() == batch.data_ptr() and not moved.is_pinned()  # no pinning, no copy without CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copies_are_pinned_and_asynchronous_and_autocast_is_bf16():
+    assert autocast_dtype("cuda") == torch.bfloat16
+    batch = torch.arange(4 * 3 * 8 * 8, dtype=torch.int64).to(torch.uint8).view(4, 3, 8, 8)
+    torch.cuda.set_sync_debug_mode("error")  # a pageable host-to-device copy would synchronise and raise
+    try:
+        moved = to_device(batch, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert moved.device.type == "cuda" and torch.equal(moved.cpu(), batch)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_trains_in_bf16_by_default(tmp_path):
+    out = tmp_path / "run"
+    run_ok(["train", *[a for a in TINY if a not in ("--accelerator", "cpu")], "--prior", "random",
+            "--switch", "constant:0.5", "--accelerator", "gpu", "--probe-every", "0",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["accelerator"] == "gpu" and saved["precision"] in ("auto", "bf16-mixed")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["precision"] == "bf16-mixed" and metrics["steps"] == TINY_STEPS
 
 
 def test_rela_and_byol_steps_run_under_cpu_bf16_autocast(tmp_path, monkeypatch):

@@ -74,6 +74,7 @@ class SyncDebug(Callback):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", RUNS)
 def test_cuda_step_runs_under_sync_debug_error(name, tmp_path):
