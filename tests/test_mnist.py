@@ -32,7 +32,9 @@ def test_unpickler_builds_arrays_and_refuses_any_other_global():
         install_mnist.ArraysOnly(io.BytesIO(pickle.dumps({"x": _Payload()}))).load()
 
 
-def test_mnist_dataset_reads_the_installed_idx_files(tmp_path):
+def test_mnist_dataset_reads_the_installed_idx_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("RELA_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # ./data is the last place rela looks: this checkout's own copy must not count
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
     labels = (np.arange(20) % 10).astype(np.uint8)
