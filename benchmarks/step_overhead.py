@@ -12,6 +12,9 @@ prior) it reports per step:
   thread: the step's CPU time is its work). ``wall_ms``: the same in wall time;
 - ``bare_ms`` and ``ratio``: the same network, optimizer (AdamW, PyTorch's default) and loss in a plain
   loop on views made beforehand (no augmentation, no Lightning), and rela's time over it;
+- ``bare_aug_ms`` and ``aug_ratio``: the plain loop again, making each step's views inside the step as rela
+  does (``augment_views``, then normalised), and rela's time over it: what is left is the framework's
+  (Lightning's loop, hooks, logging, the switch, the budget counters), the augmentation's own work aside;
 - ``syncs``: ``aten::item`` + ``aten::_local_scalar_dense`` calls per step (each a host-device
   synchronisation on CUDA), and ``ops``: aten operators per step, from ``--profile-steps`` steps each
   profiled on its own, leaving out the steps that log (``--log-every``).
@@ -38,6 +41,7 @@ from common import ResultsFile, add_output_args, command, config, environment, m
 from rela.backbones import _convnet
 from rela.build import prepare
 from rela.data import Normalize
+from rela.data.augment import augment_views
 from rela.registry import BACKBONES
 from rela.train import train
 
@@ -111,8 +115,9 @@ class StepProbe(Callback):
         self._close()  # before the epoch's checkpoint (Lightning runs checkpoint callbacks after the others)
 
 
-def bare_step(phase: str, args, folder: Path):
-    """The plain-PyTorch step on the same networks (built by rela from the same config), views made beforehand."""
+def bare_step(phase: str, args, folder: Path, augment: bool = False):
+    """The plain-PyTorch step on the same networks (built by rela from the same config), views made beforehand,
+    or inside the step (``augment``) by the augmentation rela's step runs."""
     run = prepare(run_config(phase, args, folder))
     method, rela = run.method.train(), run.rela
     params = [p for m in (method, rela) if m is not None for p in m.parameters() if p.requires_grad]
@@ -124,11 +129,13 @@ def bare_step(phase: str, args, folder: Path):
     for _ in range(total):
         index = torch.randperm(len(run.train_set.labels), generator=g)[:args.batch_size]
         x = run.train_set.images[index]
-        views = [rela.view(x), rela.view(x)] if rela is not None else [view(x) for view in method.views]
-        batches.append((index, run.train_set.labels[index], [normalize(v) for v in views]))
+        views = (rela.view, rela.view) if rela is not None else tuple(method.views)
+        made = None if augment else [normalize(v) for v in augment_views(views, x)]
+        batches.append((index, run.train_set.labels[index], x, views, made))
 
     def step(i: int) -> None:
-        index, y, (v0, v1) = batches[i]
+        index, y, x, views, made = batches[i]
+        v0, v1 = made or [normalize(v) for v in augment_views(views, x)]
         opt.zero_grad(set_to_none=True)
         if rela is not None:
             loss = rela.loss(method.backbone(v0).flatten(1), method.backbone(v1).flatten(1), index)
@@ -153,12 +160,12 @@ def measure(phase: str, args, folder: Path) -> dict:
     metrics = train(run_config(phase, args, folder), callbacks=[probe])
     if phase == "rela" and metrics["switch_step"] is not None:
         raise RuntimeError("the switch fired during the ReLA-phase measurement")
-    bare = bare_step(phase, args, folder)
-    ms, bare_ms = (1e3 * median([t[1] for t in times]) for times in (probe.times, bare))
+    bare, bare_aug = bare_step(phase, args, folder), bare_step(phase, args, folder, augment=True)
+    ms, bare_ms, bare_aug_ms = (1e3 * median([t[1] for t in times]) for times in (probe.times, bare, bare_aug))
     wall_ms, bare_wall_ms = (1e3 * median([t[0] for t in times]) for times in (probe.times, bare))
     n = max(len(probe.counts), 1)
     return {"phase": phase, "ms": ms, "bare_ms": bare_ms, "ratio": ms / bare_ms, "wall_ms": wall_ms,
-            "bare_wall_ms": bare_wall_ms,
+            "bare_wall_ms": bare_wall_ms, "bare_aug_ms": bare_aug_ms, "aug_ratio": ms / bare_aug_ms,
             "syncs": sum(c[0] for c in probe.counts) / n, "ops": sum(c[1] for c in probe.counts) / n,
             "profiled_steps": len(probe.counts), "timed_steps": len(probe.times)}
 
@@ -170,10 +177,14 @@ def report(results: ResultsFile, path: Path) -> None:
              "The bare step: the same networks, loss and AdamW (PyTorch's default) on views made beforehand, "
              "no augmentation, no Lightning. Reads of the step count inside the fused AdamW's CPU kernel "
              "are not counted (its CUDA kernel reads it on the device).", "",
-             *table_head("label", "phase", "CPU ms", "bare CPU ms", "ratio", "wall ms (bare)", "syncs/step",
-                         "aten ops/step")]
+             "Bare + aug: the bare loop making its views inside the step with rela's augmentation "
+             "(`augment_views`); rela's time over it is the framework's share alone (rows measured before "
+             "this column existed show -).", "",
+             *table_head("label", "phase", "CPU ms", "bare CPU ms", "ratio", "bare + aug CPU ms", "ratio to it",
+                         "wall ms (bare)", "syncs/step", "aten ops/step")]
     for r in results.runs:
-        lines.append(f"| {r['label']} | {r['phase']} | {r['ms']:.2f} | {r['bare_ms']:.2f} | {r['ratio']:.2f} "
+        aug = (f"{r['bare_aug_ms']:.2f} | {r['aug_ratio']:.2f}" if "bare_aug_ms" in r else "- | -")
+        lines.append(f"| {r['label']} | {r['phase']} | {r['ms']:.2f} | {r['bare_ms']:.2f} | {r['ratio']:.2f} | {aug} "
                      f"| {r['wall_ms']:.1f} ({r['bare_wall_ms']:.1f}) | {r['syncs']:.1f} | {r['ops']:.0f} |")
     lines += ["", results.commands_shown(), f"torch {results.meta['torch']}, {results.meta['threads']} thread(s)"]
     write_report(lines, path.with_suffix(".md"))

@@ -33,6 +33,7 @@ from rela.callbacks import KNNMonitor, ProgressBar, StepMetrics
 from rela.config import TrainConfig
 from rela.console import console_scope
 from rela.data import DynamicSubsetSampler, ImageDataset, Normalize
+from rela.data.augment import augment_views
 from rela.data.stream import StreamBatches, StreamSet, in_memory
 from rela.data.subset import LossRecord, RandomRule, SubsetRule
 from rela.distributed import SyncBatchNorm
@@ -155,9 +156,16 @@ class ReLAModule(L.LightningModule):
 
             def method_views() -> list[torch.Tensor]:
                 self.views_used = self.ssl_views()
-                return [view(x) for view in self.views_used]
+                return augment_views(self.views_used, x)
 
-            return index, y, lambda k: self.rela.view(x), method_views
+            rela_views: list[torch.Tensor] = []
+
+            def rela_view(k: int) -> torch.Tensor:  # both views made together, when the first is asked for
+                if not rela_views:
+                    rela_views.extend(augment_views((self.rela.view,) * 2, x))
+                return rela_views[k]
+
+            return index, y, rela_view, method_views
         index, y, rela_views, method_views = parts
         return index, y, rela_views.__getitem__, lambda: method_views
 

@@ -33,17 +33,18 @@ from rela.config import TrainConfig
 from rela.data.augment import ViewAugment
 from rela.train import ReLAModule, train
 
-draw, draws = ViewAugment.__call__, Counter()
+draw, draws = ViewAugment._apply, Counter()
 
 
-def per_sample_seeded(self, images, size=None):
+def per_sample_seeded(self, images, size, p):  # p: probabilities, a float or one per image (augment_views)
     views = []
-    for image in images:
+    for i, image in enumerate(images):
         key = hashlib.sha256(image.cpu().numpy().tobytes()).hexdigest()
         draws[key] += 1
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(key[:12], 16) + draws[key])
-            views.append(draw(self, image[None], size))
+            views.append(draw(self, image[None], size,
+                              {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in p.items()}))
     return torch.cat(views)
 
 
@@ -63,7 +64,7 @@ def save_gradients(self, optimizer):  # after backward, so after DDP's all-reduc
         torch.save(grads, Path(self.cfg.out, "gradients.pt"))
 
 
-ViewAugment.__call__, ReLAModule.training_step = per_sample_seeded, recording_step
+ViewAugment._apply, ReLAModule.training_step = per_sample_seeded, recording_step
 ReLAModule.on_before_optimizer_step = save_gradients
 for config in json.loads(Path(sys.argv[1]).read_text()):
     draws.clear()

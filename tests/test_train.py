@@ -54,6 +54,18 @@ def assert_learned(m: dict, untrained: dict) -> None:
         assert 1 - m[key] <= 2 / 3 * (1 - untrained[key]), (key, m[key], untrained[key])
 
 
+def assert_learned_knn(m: dict, untrained: dict) -> None:
+    """k-NN errors cut by a third, linear errors fewer than before training: for 8 steps of the ReLA phase.
+
+    The linear probe after 8 ReLA steps is too noisy for the one-third rule: over seeds 0-5 of the TINY
+    random-prior run it made 10 / 11 / 11 / 6 / 7 / 0 linear errors of 256 (k-NN 4 / 1 / 2 / 2 / 5 / 0)
+    since a step's two views are made in one call, and 0 / 24 / 10 / 11 / 9 / 2 (k-NN 0 / 5 / 0 / 4 / 8 / 0)
+    before, with the same augmentations drawn in another order (measured for issue 26, in its note).
+    """
+    assert 1 - m["knn_top1"] <= 2 / 3 * (1 - untrained["knn_top1"]), (m["knn_top1"], untrained["knn_top1"])
+    assert m["linear_top1"] > untrained["linear_top1"], (m["linear_top1"], untrained["linear_top1"])
+
+
 @pytest.fixture(scope="module")
 def untrained(random_run, tmp_path_factory) -> dict:
     """Evaluation of the TINY learner (seed 0) before training; random_run and none_run both start there."""
@@ -77,7 +89,7 @@ def check_finished_run(run, steps: int, batch_size: int) -> dict:
 
 def test_rela_run_with_random_prior(random_run, untrained):
     m = check_finished_run(random_run, TINY_STEPS, 32)
-    assert_learned(m, untrained)
+    assert_learned_knn(m, untrained)
     # the bank: a random convnet (128-d) for a convnet learner (128-d), seeded with --seed + 1
     assert m["prior_name"] == "random:convnet:seed1"
     assert m["bank_shape"] == [512, 128] and m["target_dim"] == 128

@@ -10,6 +10,7 @@ tensor arithmetic on whatever device holds the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,13 +34,56 @@ class ViewAugment:
 
     def __call__(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """uint8 or [0, 1] float N x C x H x W -> float N x C x size x size in [0, 1]."""
+        return self._apply(images, size, {name: getattr(self, name) for name in PROBABILITIES})
+
+    def _apply(self, images: torch.Tensor, size: int | None, p: dict) -> torch.Tensor:
+        # p: each probability as a float, or as one value per image (views stacked by augment_views)
         x = to_float(images)
-        x = random_resized_crop(x, size or x.shape[-1], self.crop_scale, self.crop_ratio, self.flip_p)
-        x = color_jitter(x, *self.jitter, p=self.jitter_p)
-        x = random_grayscale(x, self.gray_p)
-        x = random_blur(x, self.blur_p, self.blur_sigma)
-        x = random_solarize(x, self.solarize_p)
+        x = random_resized_crop(x, size or x.shape[-1], self.crop_scale, self.crop_ratio, p["flip_p"])
+        x = color_jitter(x, *self.jitter, p=p["jitter_p"])
+        x = random_grayscale(x, p["gray_p"])
+        x = random_blur(x, p["blur_p"], self.blur_sigma)
+        x = random_solarize(x, p["solarize_p"])
         return x
+
+
+PROBABILITIES = ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p")
+_PER_IMAGE: dict[tuple, torch.Tensor] = {}  # per-image probabilities by (values, batch size, device), made once
+
+
+def augment_views(views, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every view of a batch, the views stacked along the batch and each operation run once for all of them.
+
+    A step's views (BYOL's two, ReLA's two) differ at most in their probabilities (BYOL's second view
+    solarizes, its first does not), so one call on the stacked batch, with each image's probability, draws
+    what separate calls would (every parameter is drawn per image) with half the operator launches: on a
+    GPU the host launching kernels is what a small-image step waits for (benchmarks/step_overhead.py).
+    Views that differ in more (crop scale, jitter strength) are made one call each.
+    """
+    views = list(views)
+    first = views[0]
+    same = all(dataclasses.replace(v, **{name: getattr(first, name) for name in PROBABILITIES}) == first
+               for v in views)
+    if len(views) == 1 or not same:
+        return [view(images) for view in views]
+    n = images.shape[0]
+    p = {}
+    for name in PROBABILITIES:
+        values = tuple(float(getattr(v, name)) for v in views)
+        if len(set(values)) == 1:
+            p[name] = values[0]
+            continue
+        key = (values, n, images.device)
+        if key not in _PER_IMAGE:  # made on the device by fills, no copy from the host
+            _PER_IMAGE[key] = torch.cat([torch.full((n,), v, device=images.device) for v in values])
+        p[name] = _PER_IMAGE[key]
+    stacked = images.repeat(len(views), *([1] * (images.dim() - 1)))
+    return list(first._apply(stacked, None, p).split(n))
+
+
+def _off(p) -> bool:
+    """A probability that is 0 for every image (a per-image tensor is only made when some value is not)."""
+    return not isinstance(p, torch.Tensor) and p <= 0
 
 
 # The ReLA phase (spec step 4): milder crops, strong colour jitter.
@@ -159,8 +203,8 @@ def color_jitter(x, brightness, contrast, saturation, hue, p=1.0) -> torch.Tenso
     return torch.where(keep, x, y)
 
 
-def random_grayscale(x: torch.Tensor, p: float) -> torch.Tensor:
-    if x.shape[1] == 1 or p <= 0:
+def random_grayscale(x: torch.Tensor, p) -> torch.Tensor:
+    if x.shape[1] == 1 or _off(p):
         return x
     mask = (torch.rand(x.shape[0], device=x.device) < p).view(-1, 1, 1, 1)
     return torch.where(mask, grayscale(x).expand_as(x), x)
@@ -172,9 +216,9 @@ def blur_kernel(size: int) -> int:
     return k if k % 2 else k + 1
 
 
-def random_blur(x: torch.Tensor, p: float, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+def random_blur(x: torch.Tensor, p, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
     """Per-sample Gaussian blur (sigma drawn per sample) with probability ``p``: two grouped 1-D convolutions."""
-    if p <= 0:
+    if _off(p):
         return x
     n, c, h, w = x.shape
     k = blur_kernel(w)
@@ -189,8 +233,8 @@ def random_blur(x: torch.Tensor, p: float, sigma: tuple[float, float] = (0.1, 2.
     return torch.where(mask, y, x)
 
 
-def random_solarize(x: torch.Tensor, p: float, threshold: float = 0.5) -> torch.Tensor:
-    if p <= 0:
+def random_solarize(x: torch.Tensor, p, threshold: float = 0.5) -> torch.Tensor:
+    if _off(p):
         return x
     mask = (torch.rand(x.shape[0], device=x.device) < p).view(-1, 1, 1, 1)
     return torch.where(mask & (x >= threshold), 1 - x, x)
