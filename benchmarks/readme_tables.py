@@ -46,7 +46,7 @@ def sources(results: Path) -> list[str]:
 # the pages that hold measured blocks, relative to --root (the checkout)
 PAGES = ("README.md", "docs/results.md", "docs/theory.md")
 # the README's short table: the Table 1 rows run on 3 seeds at every budget, beside the floor and BYOL-full
-SHORT_ROWS = ("byol-subset", "rela-random-same", "distill-only")
+SHORT_ROWS = ("byol-subset", "rela-random-same", "rela-mnist", "distill-only")
 
 
 def link(results: Path, name: str, page: Path) -> str:
