@@ -79,6 +79,25 @@ def table1_short(results: Path, page: Path) -> list[str]:
             f"(full table: {link(results, f'{TABLE1}.md', page)})."]
 
 
+def prior_rows(results: Path, page: Path) -> list[str]:
+    """The MNIST prior (row 5b) per budget beside the random-init prior (row 3): accuracy, headroom, FLOPs."""
+    runs = load_json(results / f"{TABLE1}.json")["runs"]
+    budgets = table1.budgets_of(runs)
+    summary = table1.summarise(runs, budgets)
+
+    def acc(c: dict) -> str:
+        text = table1.accuracy(c["runs"]) if c["n"] else "-"
+        return f"**{text}**" if table1.reaches_full(summary, c) else text
+
+    lines = ["| budget | row 5b, MNIST prior | headroom | FLOPs | row 3, random-init prior |", "|---|---|---|---|---|"]
+    for b in budgets:
+        mnist, random = (summary["table"][row][b] for row in ("rela-mnist", "rela-random-same"))
+        lines.append(f"| {b:.0%} | {acc(mnist)} | {table1._pct(table1.headroom(summary, mnist, 'knn_top1'))} / "
+                     f"{table1._pct(table1.headroom(summary, mnist, 'linear_top1'))} | "
+                     f"{table1._pct(table1.cost_ratio(summary, mnist, 'flops'))} | {acc(random)} |")
+    return lines
+
+
 def table1_headline(results: Path, page: Path) -> list[str]:
     runs = load_json(results / f"{TABLE1}.json")["runs"]
     budgets = table1.budgets_of(runs)
@@ -113,7 +132,7 @@ def theory_summary(results: Path, page: Path) -> list[str]:
     return textwrap.wrap(summary, width=104, initial_indent="> ", subsequent_indent="> ", break_on_hyphens=False)
 
 
-BLOCKS = {"table1-short": table1_short, "table1-headline": table1_headline, "byol-convergence": byol_convergence_table, "methods-table": methods_table,
+BLOCKS = {"table1-short": table1_short, "table1-headline": table1_headline, "prior-rows": prior_rows, "byol-convergence": byol_convergence_table, "methods-table": methods_table,
           "theory-gaussian-summary": theory_summary, "lr-schedule-holdout": lr_schedule_comparison,
           "knob-investigations": knob_investigations}
 
