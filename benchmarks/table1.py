@@ -59,6 +59,8 @@ ROWS = {
     "distill-only": "7. Distillation only (no switch)",
 }
 FREE_PRIOR_ROWS = ("rela-random-same", "rela-random-adaptive", "rela-random-other", "rela-digits", "rela-mnist")
+# rows whose prior is BYOL trained on another dataset: row -> (dataset, default epochs of that prior)
+OTHER_DATASET_PRIORS = {"rela-digits": ("digits", 100), "rela-mnist": ("mnist", 10)}
 ONE_SEED_ROWS = ("byol-fewer-steps", "rela-random-other", "rela-digits", "rela-mnist", "rela-fmnist-byol")
 FLOOR = "untrained"  # row 0: the learner as initialised, evaluated like every other row
 RECORDED = ("knn_top1", "knn20_top1", "linear_top1", "wall_seconds", "train_seconds", "bank_seconds", "steps",
@@ -90,9 +92,12 @@ def parse_args(argv: list[str] | None = None):
                    help=f"also run {', '.join(ONE_SEED_ROWS)} for every seed (default: first seed only)")
     p.add_argument("--byol-results", type=Path, default=RESULTS / "byol_convergence.json",
                    help="BYOL runs of benchmarks/byol_convergence.py reused as BYOL-full / 2E when their config matches")
-    p.add_argument("--digits-epochs", type=int, default=100)
-    p.add_argument("--mnist-epochs", type=int, default=10,
-                   help="epochs of row 5b's BYOL prior on MNIST's 60k digits (scripts/install_mnist.py)")
+    p.add_argument("--digits-epochs", type=int, default=OTHER_DATASET_PRIORS["rela-digits"][1],
+                   help="epochs of row 5's BYOL prior on scikit-learn's digits; another value is a knob: the result "
+                        "files get a _digits<N> suffix and every other row is taken from the default grid's file")
+    p.add_argument("--mnist-epochs", type=int, default=OTHER_DATASET_PRIORS["rela-mnist"][1],
+                   help="epochs of row 5b's BYOL prior on MNIST's 60k digits (scripts/install_mnist.py); another "
+                        "value is a knob, as --digits-epochs")
     p.add_argument("--holdout", type=int, default=None, help="validation mode: evaluate on the last N train images")
     add_output_args(p, runs="table1")
     p.add_argument("--train-limit", type=int, default=None, help="smoke tests: use only the first N training images")
@@ -130,6 +135,12 @@ def overrides_suffix(overrides: dict) -> str:
     return "_set-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) if overrides else ""
 
 
+def changed_prior_rows(args) -> dict[str, str]:
+    """Rows whose other-dataset prior is trained for a non-default number of epochs -> result-file suffix."""
+    return {row: f"_{name}{epochs}" for row, (name, default) in OTHER_DATASET_PRIORS.items()
+            if (epochs := getattr(args, f"{name}_epochs")) != default}
+
+
 def _costs(record: dict) -> dict:
     # a subset rule's own work (k-means of the targets) is part of the cost
     flops = None if record.get("train_flops") is None else \
@@ -144,6 +155,8 @@ class Grid:
         suffix = (f"_switch_val{args.holdout}" if args.sweep_switch else f"_val{args.holdout}") if args.holdout else ""
         self.base_results = args.results / f"table1_e{args.full_epochs}{suffix}.json"  # the same grid, no --set
         suffix += overrides_suffix(args.overrides)
+        self.changed_prior_rows = changed_prior_rows(args)
+        suffix += "".join(self.changed_prior_rows.values())
         self.name = f"table1_e{args.full_epochs}{suffix}"
         self.results = ResultsFile(args.results / f"{self.name}.json", meta={
             "full_epochs": args.full_epochs, "backbone": args.backbone, "batch_size": args.batch_size,
@@ -169,12 +182,13 @@ class Grid:
 
     def same_run_of_the_default_recipe(self, cfg: TrainConfig, key: dict) -> dict | None:
         """A row that ignores every field a --set grid changes (one without a prior, when only what a prior
-        reads changes; distillation only, when only what the hand-over reads changes) is the default
-        recipe's run: its result is taken from that grid's file instead of training it again."""
+        reads changes; distillation only, when only what the hand-over reads changes; every row but the
+        one whose other-dataset prior trains for other epochs) is the default recipe's run: its result is taken from that grid's file instead of training it again."""
         ignored = PRIOR_ONLY_FIELDS if cfg.prior == "none" else HANDOVER_ONLY_FIELDS if cfg.switch == "never" else set()
         if cfg.ratio == 1 or cfg.max_steps == 0:  # on all the data every subset rule is the uniform draw
             ignored = ignored | FULL_DATA_IGNORED_FIELDS
-        if not self.args.overrides or not set(self.args.overrides) <= ignored:
+        if (not (self.args.overrides or self.changed_prior_rows) or key["row"] in self.changed_prior_rows
+                or not set(self.args.overrides) <= ignored):
             return None
         found = ResultsFile(self.base_results).find(**key) if self.base_results.is_file() else None
         return None if found is None else {**found, "imported_from": shown(self.base_results)}
@@ -238,7 +252,7 @@ class Grid:
 
     def other_dataset_prior(self, dataset: str, epochs: int, batch_size: int) -> str:
         """A free prior: BYOL trained on another dataset (its cost is not ReLA's: someone else paid it)."""
-        out = self.runs_dir / f"prior-{dataset}-byol"
+        out = self.runs_dir / f"prior-{dataset}-byol-e{epochs}"  # keyed by epochs: resume=True must not extend another's
         if not (out / "backbone.pt").is_file():
             print(f"[table1] training the {dataset} BYOL prior", flush=True)
             train(config(dataset=dataset, backbone=self.args.backbone, method="byol", epochs=epochs, resume=True,

@@ -334,6 +334,17 @@ def test_set_of_prior_only_fields_takes_the_baselines_from_the_default_recipes_g
             assert {k: v for k, v in r.items() if k != "imported_from"} == default[r["row"]]
     assert not (tmp_path / "runs_e1_val128_set-target_variance0.5" / "byol-full-s0").exists()
 
+    # a longer-trained other-dataset prior is a knob of its own row only: its own files, the rest imported
+    table1 = _benchmark("table1")
+    grid = table1.Grid(table1.parse_args(["--full-epochs", "1", "--train-limit", "512", "--holdout", "128",
+                                          "--mnist-epochs", "3", "--results", str(tmp_path / "res")]))
+    assert grid.name == "table1_e1_val128_mnist3" and grid.changed_prior_rows == {"rela-mnist": "_mnist3"}
+    cfg = grid.base(prior="none", ratio=0.5, epochs=1, seed=0, out=grid.out("byol-subset-b0.5-s0"))
+    key = dict(row="byol-subset", budget=0.5, seed=0)
+    assert grid.same_run_of_the_default_recipe(cfg, key)["imported_from"].endswith("table1_e1_val128.json")
+    assert grid.same_run_of_the_default_recipe(cfg, {**key, "row": "rela-mnist"}) is None
+    assert table1.Grid(table1.parse_args(["--full-epochs", "1", "--holdout", "128"])).changed_prior_rows == {}
+
 
 @pytest.mark.parametrize("item, message", [("lr", "expected FIELD=VALUE"), ("nosuch=1", "unknown field"),
                                            ("ratio=0.5", "not overridable"), ("warmup=abc", "warmup")])
