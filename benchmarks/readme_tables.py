@@ -30,6 +30,8 @@ TABLE1 = "table1_e32"  # the grid the README reports (table1_e4: the earlier, un
 # the investigations on the holdout: the default recipe, then the same grid with --set (LR schedule in full)
 HOLDOUT = f"{TABLE1}_val10000"
 RECIPES = (HOLDOUT, f"{HOLDOUT}_set-lr_scheduleconstant-warmup0.0")
+# row 5b's MNIST prior trained for 32 epochs instead of 10 (table1.py --mnist-epochs 32), per split
+LONGER_PRIOR = "_mnist32"
 
 
 def knob_files(results: Path) -> list[Path]:
@@ -40,7 +42,8 @@ def knob_files(results: Path) -> list[Path]:
 def sources(results: Path) -> list[str]:
     """Every results file a block reads."""
     return [f"{TABLE1}.json", "byol_convergence.json", "methods.json", "theory_gaussian.json",
-            *(f"{n}.json" for n in RECIPES), *(p.name for p in knob_files(results))]
+            *(f"{n}.json" for n in RECIPES), *(p.name for p in knob_files(results)),
+            *(f"{n}{LONGER_PRIOR}.json" for n in (HOLDOUT, TABLE1) if (results / f"{n}{LONGER_PRIOR}.json").is_file())]
 
 
 # the pages that hold measured blocks, relative to --root (the checkout)
@@ -98,6 +101,27 @@ def prior_rows(results: Path, page: Path) -> list[str]:
     return lines
 
 
+def longer_prior(results: Path, page: Path) -> list[str]:
+    """Row 5b with its MNIST prior trained 10 epochs (the default) and 32, on the seeds both ran, per split
+    (the holdout chooses; the test split reports), beside BYOL-full on all of that split's seeds."""
+    lines = ["| split | budget | seeds | 10-epoch prior | 32-epoch prior | change | BYOL-full |",
+             "|---|---|---|---|---|---|---|"]
+    for split, name in (("holdout", HOLDOUT), ("test", TABLE1)):
+        if not (results / f"{name}{LONGER_PRIOR}.json").is_file():
+            continue
+        base = load_json(results / f"{name}.json")["runs"]
+        rows_5b = [[r for r in runs if r["row"] == "rela-mnist"]
+                   for runs in (base, load_json(results / f"{name}{LONGER_PRIOR}.json")["runs"])]
+        before, after, budgets = table1.summarise_both(*rows_5b)
+        full = table1.summarise(base, budgets)["full"]
+        for b in budgets:
+            was, now = before["table"]["rela-mnist"][b], after["table"]["rela-mnist"][b]
+            lines.append(f"| {split} | {b:.0%} | {now['n']} | {table1.accuracy(was['runs'])} | "
+                         f"{table1.accuracy(now['runs'])} | {table1._signed(table1._points(now, was))} | "
+                         f"{table1.accuracy(full['runs'])} |")
+    return lines
+
+
 def table1_headline(results: Path, page: Path) -> list[str]:
     runs = load_json(results / f"{TABLE1}.json")["runs"]
     budgets = table1.budgets_of(runs)
@@ -132,7 +156,8 @@ def theory_summary(results: Path, page: Path) -> list[str]:
     return textwrap.wrap(summary, width=104, initial_indent="> ", subsequent_indent="> ", break_on_hyphens=False)
 
 
-BLOCKS = {"table1-short": table1_short, "table1-headline": table1_headline, "prior-rows": prior_rows, "byol-convergence": byol_convergence_table, "methods-table": methods_table,
+BLOCKS = {"table1-short": table1_short, "table1-headline": table1_headline, "prior-rows": prior_rows,
+          "longer-prior": longer_prior, "byol-convergence": byol_convergence_table, "methods-table": methods_table,
           "theory-gaussian-summary": theory_summary, "lr-schedule-holdout": lr_schedule_comparison,
           "knob-investigations": knob_investigations}
 
