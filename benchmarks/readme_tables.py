@@ -112,14 +112,17 @@ def longer_prior(results: Path, page: Path) -> list[str]:
         base = load_json(results / f"{name}.json")["runs"]
         rows_5b = [[r for r in runs if r["row"] == "rela-mnist"]
                    for runs in (base, load_json(results / f"{name}{LONGER_PRIOR}.json")["runs"])]
-        before, after, budgets = table1.summarise_both(*rows_5b)
+        budgets = table1.budgets_of(rows_5b[1])
         whole = table1.summarise(base, budgets)  # the split's floor and BYOL-full, every seed
-        for b in budgets:
-            was, now = before["table"]["rela-mnist"][b], after["table"]["rela-mnist"][b]
+        for b in budgets:  # on the seeds both priors ran at this budget (a grid in progress has fewer)
+            seeds = set.intersection(*({r["seed"] for r in table1.runs_of(rs, "rela-mnist", b)} for rs in rows_5b))
+            was, now = (table1.summarise([r for r in rs if r["seed"] in seeds], [b])["table"]["rela-mnist"][b]
+                        for rs in rows_5b)
+            longer = table1.accuracy(now["runs"])
+            longer = f"**{longer}**" if table1.reaches_full(whole, now) else longer  # bold: BYOL-full reached
             share = " / ".join(table1._pct(table1.headroom(whole, now, m)) for m, _ in table1.METRICS)
-            lines.append(f"| {split} | {b:.0%} | {now['n']} | {table1.accuracy(was['runs'])} | "
-                         f"{table1.accuracy(now['runs'])} | {table1._signed(table1._points(now, was))} | {share} | "
-                         f"{table1.accuracy(whole['full']['runs'])} |")
+            lines.append(f"| {split} | {b:.0%} | {now['n']} | {table1.accuracy(was['runs'])} | {longer} | "
+                         f"{table1._signed(table1._points(now, was))} | {share} | {table1.accuracy(whole['full']['runs'])} |")
     return lines
 
 
