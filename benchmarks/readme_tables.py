@@ -115,9 +115,8 @@ def longer_prior(results: Path, page: Path) -> list[str]:
         budgets = table1.budgets_of(rows_5b[1])
         whole = table1.summarise(base, budgets)  # the split's floor and BYOL-full, every seed
         for b in budgets:  # on the seeds both priors ran at this budget (a grid in progress has fewer)
-            seeds = set.intersection(*({r["seed"] for r in table1.runs_of(rs, "rela-mnist", b)} for rs in rows_5b))
-            was, now = (table1.summarise([r for r in rs if r["seed"] in seeds], [b])["table"]["rela-mnist"][b]
-                        for rs in rows_5b)
+            before, after, _ = table1.summarise_both(*(table1.runs_of(rs, "rela-mnist", b) for rs in rows_5b))
+            was, now = before["table"]["rela-mnist"][b], after["table"]["rela-mnist"][b]
             longer = table1.accuracy(now["runs"])
             longer = f"**{longer}**" if table1.reaches_full(whole, now) else longer  # bold: BYOL-full reached
             share = " / ".join(table1._pct(table1.headroom(whole, now, m)) for m, _ in table1.METRICS)

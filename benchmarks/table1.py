@@ -183,7 +183,8 @@ class Grid:
     def same_run_of_the_default_recipe(self, cfg: TrainConfig, key: dict) -> dict | None:
         """A row that ignores every field a --set grid changes (one without a prior, when only what a prior
         reads changes; distillation only, when only what the hand-over reads changes; every row but the
-        one whose other-dataset prior trains for other epochs) is the default recipe's run: its result is taken from that grid's file instead of training it again."""
+        one whose other-dataset prior trains for other epochs) is the default recipe's run: its result is
+        taken from that grid's file instead of training it again."""
         ignored = PRIOR_ONLY_FIELDS if cfg.prior == "none" else HANDOVER_ONLY_FIELDS if cfg.switch == "never" else set()
         if cfg.ratio == 1 or cfg.max_steps == 0:  # on all the data every subset rule is the uniform draw
             ignored = ignored | FULL_DATA_IGNORED_FIELDS
@@ -252,7 +253,8 @@ class Grid:
 
     def other_dataset_prior(self, dataset: str, epochs: int, batch_size: int) -> str:
         """A free prior: BYOL trained on another dataset (its cost is not ReLA's: someone else paid it)."""
-        out = self.runs_dir / f"prior-{dataset}-byol-e{epochs}"  # keyed by epochs: resume=True must not extend another's
+        # keyed by epochs, so resume=True never extends a shorter prior into a longer one
+        out = self.runs_dir / f"prior-{dataset}-byol-e{epochs}"
         if not (out / "backbone.pt").is_file():
             print(f"[table1] training the {dataset} BYOL prior", flush=True)
             train(config(dataset=dataset, backbone=self.args.backbone, method="byol", epochs=epochs, resume=True,
