@@ -94,7 +94,8 @@ def parse_args(argv: list[str] | None = None):
                    help="BYOL runs of benchmarks/byol_convergence.py reused as BYOL-full / 2E when their config matches")
     p.add_argument("--digits-epochs", type=int, default=OTHER_DATASET_PRIORS["rela-digits"][1],
                    help="epochs of row 5's BYOL prior on scikit-learn's digits; another value is a knob: the result "
-                        "files get a _digits<N> suffix and every other row is taken from the default grid's file")
+                        "files get a _digits<N> suffix and every other row is taken from the grid without it "
+                        "(the same --set)")
     p.add_argument("--mnist-epochs", type=int, default=OTHER_DATASET_PRIORS["rela-mnist"][1],
                    help="epochs of row 5b's BYOL prior on MNIST's 60k digits (scripts/install_mnist.py); another "
                         "value is a knob, as --digits-epochs")
@@ -155,6 +156,8 @@ class Grid:
         suffix = (f"_switch_val{args.holdout}" if args.sweep_switch else f"_val{args.holdout}") if args.holdout else ""
         self.base_results = args.results / f"table1_e{args.full_epochs}{suffix}.json"  # the same grid, no --set
         suffix += overrides_suffix(args.overrides)
+        # the same grid and --set with every other-dataset prior at its default epochs
+        self.same_recipe_results = args.results / f"table1_e{args.full_epochs}{suffix}.json"
         self.changed_prior_rows = changed_prior_rows(args)
         suffix += "".join(self.changed_prior_rows.values())
         self.name = f"table1_e{args.full_epochs}{suffix}"
@@ -181,18 +184,23 @@ class Grid:
                         extra={"prior": prior_label, "out": shown(cfg.out)}, derive=_costs)
 
     def same_run_of_the_default_recipe(self, cfg: TrainConfig, key: dict) -> dict | None:
-        """A row that ignores every field a --set grid changes (one without a prior, when only what a prior
-        reads changes; distillation only, when only what the hand-over reads changes; every row but the
-        one whose other-dataset prior trains for other epochs) is the default recipe's run: its result is
-        taken from that grid's file instead of training it again."""
+        """A run this grid's changes cannot alter, taken from the grid that already has it instead of trained
+        again: every row but the one whose other-dataset prior trains for other epochs comes from the same
+        recipe's grid without that change (the same --set); a row that ignores every field a --set changes (one
+        without a prior, when only what a prior reads changes; distillation only, when only what the hand-over
+        reads changes) comes from the default recipe's grid."""
+        if not (self.args.overrides or self.changed_prior_rows) or key["row"] in self.changed_prior_rows:
+            return None
         ignored = PRIOR_ONLY_FIELDS if cfg.prior == "none" else HANDOVER_ONLY_FIELDS if cfg.switch == "never" else set()
         if cfg.ratio == 1 or cfg.max_steps == 0:  # on all the data every subset rule is the uniform draw
             ignored = ignored | FULL_DATA_IGNORED_FIELDS
-        if (not (self.args.overrides or self.changed_prior_rows) or key["row"] in self.changed_prior_rows
-                or not set(self.args.overrides) <= ignored):
-            return None
-        found = ResultsFile(self.base_results).find(**key) if self.base_results.is_file() else None
-        return None if found is None else {**found, "imported_from": shown(self.base_results)}
+        sources = [self.same_recipe_results] if self.changed_prior_rows else []
+        if set(self.args.overrides) <= ignored:
+            sources.append(self.base_results)
+        for source in sources:
+            if source.is_file() and (found := ResultsFile(source).find(**key)):
+                return {**found, "imported_from": shown(source)}
+        return None
 
     def out(self, name: str) -> str:
         return str(self.runs_dir / name)

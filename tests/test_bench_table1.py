@@ -345,6 +345,20 @@ def test_set_of_prior_only_fields_takes_the_baselines_from_the_default_recipes_g
     assert grid.same_run_of_the_default_recipe(cfg, {**key, "row": "rela-mnist"}) is None
     assert table1.Grid(table1.parse_args(["--full-epochs", "1", "--holdout", "128"])).changed_prior_rows == {}
 
+    # with a --set as well, every other row (a prior's included) is that --set grid's run
+    both = table1.Grid(table1.parse_args(["--full-epochs", "1", "--train-limit", "512", "--holdout", "128",
+                                          "--mnist-epochs", "3", "--set", "target_variance=0.5",
+                                          "--results", str(tmp_path / "res")]))
+    assert both.name == "table1_e1_val128_set-target_variance0.5_mnist3"
+    knobbed = {r["row"]: r for r in data["runs"]}
+    rela_cfg = both.base(prior="random", ratio=0.5, epochs=1, seed=0, out=both.out("rela-random-same-b0.5-s0"))
+    for row, row_cfg in (("rela-random-same", rela_cfg), ("byol-subset", cfg)):
+        found = both.same_run_of_the_default_recipe(row_cfg, {**key, "row": row})
+        assert found["imported_from"].endswith("table1_e1_val128_set-target_variance0.5.json")
+        assert {k: v for k, v in found.items() if k != "imported_from"} == \
+            {k: v for k, v in knobbed[row].items() if k != "imported_from"}
+    assert both.same_run_of_the_default_recipe(rela_cfg, {**key, "row": "rela-mnist"}) is None
+
 
 @pytest.mark.parametrize("item, message", [("lr", "expected FIELD=VALUE"), ("nosuch=1", "unknown field"),
                                            ("ratio=0.5", "not overridable"), ("warmup=abc", "warmup")])
