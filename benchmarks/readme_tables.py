@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -35,8 +36,11 @@ LONGER_PRIOR = "_mnist32"
 
 
 def knob_files(results: Path) -> list[Path]:
-    """Every --set grid on the holdout that has been committed (each an investigation of one knob)."""
-    return sorted(results.glob(f"{HOLDOUT}_set-*.json"))
+    """Every --set grid on the holdout that has been committed (each an investigation of one knob), not those
+    that also changed an other-dataset prior's epochs (a _mnist<N> / _digits<N> grid has no row 3 to compare)."""
+    longer_prior = tuple(f"_{name}" for name, _ in table1.OTHER_DATASET_PRIORS.values())
+    return sorted(p for p in results.glob(f"{HOLDOUT}_set-*.json")
+                  if not re.sub(r"\d+$", "", p.stem).endswith(longer_prior))
 
 
 def sources(results: Path) -> list[str]:
