@@ -15,7 +15,7 @@ steps; 3 ReLA + random init of the learner's architecture, with --switch; 3a the
 authors' adaptive switch; 4 ReLA + random init of another architecture; 5 ReLA + a BYOL model of
 scikit-learn's digits; 5b the same from MNIST's 60k digits (scripts/install_mnist.py); 6 ReLA + the BYOL-full model of Fashion-MNIST (not free: it costs a full
 BYOL run); 7 distillation only (ReLA phase, no switch). Rows 2, 4, 5, 5b, 6 run for the first seed
-only unless --all-rows-every-seed. BYOL-full and BYOL at 2E for a seed are taken from
+only unless --all-rows-every-seed (a --set grid trains no BYOL at 2E). BYOL-full and BYOL at 2E for a seed are taken from
 benchmarks/byol_convergence.py's results when it ran the same configuration, else trained here.
 Finished runs are kept in the JSON and skipped, so the grid can run in pieces.
 
@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None):
                         "--holdout): e.g. lr_schedule=constant warmup=0; the result files get a _set-... suffix. "
                         "When every field is one only a prior reads (e.g. target_variance, rela_augment), the rows "
                         "without a prior are taken from the default recipe's file instead of retrained; when every "
-                        "field is one only the hand-over reads (momentum_after_switch), so is distillation only")
+                        "field is one only the hand-over reads (momentum_after_switch), so is distillation only. A --set grid "
+                        "trains no BYOL at 2E (the default recipe's convergence check)")
     p.add_argument("--switch", default="soft-plateau",
                    help="switch of the ReLA rows (3a uses adaptive, 7 never switches); chosen on --holdout 10000 "
                         "(benchmarks/results/table1_e32_switch_val10000.md)")
@@ -302,7 +303,9 @@ class Grid:
                 for row in self.args.rows:
                     if seed == self.args.seeds[0] or self.args.all_rows_every_seed or row not in ONE_SEED_ROWS:
                         self.cell(row, budget, seed)
-            if not self.args.holdout:  # is E full? A question for the test split, not for a validation run
+            # is E full? A question for the default recipe on the test split: not for a validation run, nor
+            # for a --set grid (BYOL at 2E costs twice a full run; a knob is compared at the same E)
+            if not (self.args.holdout or self.args.overrides):
                 self.byol_full(seed, 2 * self.args.full_epochs)
 
     def sweep_switch(self) -> None:

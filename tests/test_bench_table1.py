@@ -306,17 +306,18 @@ def test_a_byol_run_imported_without_flops_gets_what_the_grid_records_for_byol(t
 
 
 def test_set_overrides_every_training_row_and_names_its_files(tmp_path):
-    done = _bench(tmp_path, "--holdout", "128", "--set", "lr_schedule=constant", "warmup=0")
+    done = _bench(tmp_path, "--set", "lr_schedule=constant", "warmup=0")
     assert done.returncode == 0, done.stderr[-3000:]
-    data = json.loads((tmp_path / "res" / "table1_e1_val128_set-lr_scheduleconstant-warmup0.0.json").read_text())
+    data = json.loads((tmp_path / "res" / "table1_e1_set-lr_scheduleconstant-warmup0.0.json").read_text())
     assert data["meta"]["overrides"] == {"lr_schedule": "constant", "warmup": 0.0}
-    # on the holdout no BYOL at 2E (a convergence check for the test split) and nothing imported
+    # even on the test split no BYOL at 2E (the default recipe's convergence check, twice a full run) and
+    # nothing imported
     assert sorted(r["row"] for r in data["runs"]) == ["byol-full", "byol-subset", "rela-random-same", "untrained"]
     for r in data["runs"]:
         assert "imported_from" not in r
         cfg = yaml.safe_load((tmp_path / r["out"] / "config.yaml").read_text()) if r["row"] != "untrained" else None
         if cfg:  # BYOL's rows too: a knob is compared recipe against recipe
-            assert (cfg["lr_schedule"], cfg["warmup"], cfg["holdout"]) == ("constant", 0.0, 128), r["row"]
+            assert (cfg["lr_schedule"], cfg["warmup"], cfg["holdout"]) == ("constant", 0.0, None), r["row"]
 
 
 def test_set_of_prior_only_fields_takes_the_baselines_from_the_default_recipes_grid(tmp_path):
