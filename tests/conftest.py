@@ -33,6 +33,13 @@ from rela.build import prepare
 # ``rela/__init__`` re-exports the function ``train``, which shadows the sub-module attribute.
 train_module = importlib.import_module("rela.train")
 
+# Under pytest-xdist (`make test` runs -n 2) each worker trains on one thread, and so do the processes its
+# tests start: the workers then share the cores instead of each contending for all of them (tiny models gain
+# little from a second intra-op thread; most of the suite's time is single-threaded Python).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
