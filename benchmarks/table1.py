@@ -15,8 +15,9 @@ steps; 3 ReLA + random init of the learner's architecture, with --switch; 3a the
 authors' adaptive switch; 4 ReLA + random init of another architecture; 5 ReLA + a BYOL model of
 scikit-learn's digits; 5b the same from MNIST's 60k digits (scripts/install_mnist.py); 6 ReLA + the BYOL-full model of Fashion-MNIST (not free: it costs a full
 BYOL run); 7 distillation only (ReLA phase, no switch). Rows 2, 4, 5, 5b, 6 run for the first seed
-only unless --all-rows-every-seed (a --set grid trains no BYOL at 2E). BYOL-full and BYOL at 2E for a seed are taken from
-benchmarks/byol_convergence.py's results when it ran the same configuration, else trained here.
+only unless --all-rows-every-seed. BYOL-full and BYOL at 2E for a seed are taken from
+benchmarks/byol_convergence.py's results when it ran the same configuration, else trained here (a --set
+grid trains no BYOL at 2E).
 Finished runs are kept in the JSON and skipped, so the grid can run in pieces.
 
 Cost: FLOPs of every forward and backward pass (rela.flops: learner, momentum network, and the
