@@ -551,11 +551,21 @@ def recipe_margins(before: dict, after: dict, budgets: list[float]):
 
 
 def summarise_both(base_runs: list[dict], runs: list[dict]) -> tuple[dict, dict, list[float]]:
-    """The default recipe's and another recipe's summaries, on the budgets and the seeds both ran: the default
-    may have run more seeds than a knob, and a mean over other seeds would mix seed-to-seed spread into the
-    knob's effect."""
-    seeds = {r["seed"] for r in base_runs} & {r["seed"] for r in runs}
-    base_runs, runs = [r for r in base_runs if r["seed"] in seeds], [r for r in runs if r["seed"] in seeds]
+    """The default recipe's and another recipe's summaries, on the budgets both ran and, cell by cell (row and
+    budget), on the seeds both ran there: the default may have run more seeds than a knob, and a mean over
+    other seeds would mix seed-to-seed spread into the knob's effect."""
+    def seeds(rs: list[dict]) -> dict:
+        cells = {}
+        for r in rs:
+            cells.setdefault((r["row"], round(r["budget"], 6)), set()).add(r["seed"])
+        return cells
+
+    mine, theirs = seeds(base_runs), seeds(runs)
+    def both(r: dict) -> bool:
+        cell = (r["row"], round(r["budget"], 6))
+        return r["seed"] in mine.get(cell, set()) & theirs.get(cell, set())
+
+    base_runs, runs = [r for r in base_runs if both(r)], [r for r in runs if both(r)]
     budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base_runs))]
     return summarise(base_runs, budgets), summarise(runs, budgets), budgets
 

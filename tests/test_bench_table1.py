@@ -281,6 +281,12 @@ def test_a_recipe_is_compared_cell_by_cell_and_by_relas_margins_over_its_referen
     # with the second seed under both recipes, both seeds count
     both = table1.knob_summary(base + seed1, [("lr_schedule=constant", tuned + [{**r, "seed": 1} for r in tuned])])
     assert both[-1].startswith("| lr_schedule=constant | 20% | 2 | 78.5 ± 3.5 / 87.0 ± 0.0 -> 83.0 ± 0.0 / 88.0 ± 0.0 |")
+    # a second seed of some cells only (the other recipe's floor and BYOL-full): compared cell by cell, so
+    # ReLA stays on seed 0 while BYOL-full takes both seeds
+    partial = [{**r, "seed": 1} for r in tuned if r["row"] in ("untrained", "byol-full")]
+    lines = table1.recipe_comparison(base + seed1, tuned + partial, "x")
+    assert "| 3. ReLA, random-init prior (same arch), 20% | 81.0 / 87.0 | 83.0 / 88.0 | +2.0 / +1.0 |" in lines
+    assert "| BYOL-full (100%) | 80.5 ± 3.5 / 88.0 ± 0.0 | 84.0 ± 0.0 / 88.0 ± 0.0 | +3.5 / +0.0 |" in lines
 
 
 @needs_fmnist
