@@ -47,7 +47,7 @@ def knob_files(results: Path) -> list[Path]:
 
 def sources(results: Path) -> list[str]:
     """Every results file a block reads."""
-    optional = [f"{n}{LONGER_PRIOR}.json" for n in (HOLDOUT, TABLE1)] + [f"{n}{LEVER}{LONGER_PRIOR}.json" for n in (HOLDOUT, TABLE1)]
+    optional = [f"{n}{recipe}{LONGER_PRIOR}.json" for recipe in ("", LEVER) for n in (HOLDOUT, TABLE1)]
     return [f"{TABLE1}.json", "byol_convergence.json", "methods.json", "theory_gaussian.json",
             *(f"{n}.json" for n in RECIPES), *(p.name for p in knob_files(results)),
             *(name for name in optional if (results / name).is_file())]
@@ -193,7 +193,8 @@ def theory_summary(results: Path, page: Path) -> list[str]:
 
 
 BLOCKS = {"table1-short": table1_short, "table1-headline": table1_headline, "prior-rows": prior_rows,
-          "longer-prior": longer_prior, "lever-on-longer-prior": lever_on_longer_prior, "byol-convergence": byol_convergence_table, "methods-table": methods_table,
+          "longer-prior": longer_prior, "lever-on-longer-prior": lever_on_longer_prior,
+          "byol-convergence": byol_convergence_table, "methods-table": methods_table,
           "theory-gaussian-summary": theory_summary, "lr-schedule-holdout": lr_schedule_comparison,
           "knob-investigations": knob_investigations}
 

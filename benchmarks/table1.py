@@ -85,8 +85,8 @@ def parse_args(argv: list[str] | None = None):
                         "--holdout): e.g. lr_schedule=constant warmup=0; the result files get a _set-... suffix. "
                         "When every field is one only a prior reads (e.g. target_variance, rela_augment), the rows "
                         "without a prior are taken from the default recipe's file instead of retrained; when every "
-                        "field is one only the hand-over reads (momentum_after_switch), so is distillation only. A --set grid "
-                        "trains no BYOL at 2E (the default recipe's convergence check)")
+                        "field is one only the hand-over reads (momentum_after_switch), so is distillation only. "
+                        "A --set grid trains no BYOL at 2E (the default recipe's convergence check)")
     p.add_argument("--switch", default="soft-plateau",
                    help="switch of the ReLA rows (3a uses adaptive, 7 never switches); chosen on --holdout 10000 "
                         "(benchmarks/results/table1_e32_switch_val10000.md)")
@@ -554,16 +554,16 @@ def summarise_both(base_runs: list[dict], runs: list[dict]) -> tuple[dict, dict,
     """The default recipe's and another recipe's summaries, on the budgets both ran and, cell by cell (row and
     budget), on the seeds both ran there: the default may have run more seeds than a knob, and a mean over
     other seeds would mix seed-to-seed spread into the knob's effect."""
-    def seeds(rs: list[dict]) -> dict:
-        cells = {}
-        for r in rs:
-            cells.setdefault((r["row"], round(r["budget"], 6)), set()).add(r["seed"])
-        return cells
+    def cell(r: dict) -> tuple:
+        return r["row"], round(r["budget"], 6)
 
-    mine, theirs = seeds(base_runs), seeds(runs)
+    ran = ({}, {})  # per recipe: cell -> the seeds it ran there
+    for cells, rs in zip(ran, (base_runs, runs)):
+        for r in rs:
+            cells.setdefault(cell(r), set()).add(r["seed"])
+
     def both(r: dict) -> bool:
-        cell = (r["row"], round(r["budget"], 6))
-        return r["seed"] in mine.get(cell, set()) & theirs.get(cell, set())
+        return r["seed"] in ran[0].get(cell(r), set()) & ran[1].get(cell(r), set())
 
     base_runs, runs = [r for r in base_runs if both(r)], [r for r in runs if both(r)]
     budgets = [b for b in budgets_of(runs) if any(math.isclose(b, c) for c in budgets_of(base_runs))]
