@@ -40,9 +40,8 @@ LEVER = "_set-lr_scheduleconstant-warmup0.0"
 def knob_files(results: Path) -> list[Path]:
     """Every --set grid on the holdout that has been committed (each an investigation of one knob), not those
     that also changed an other-dataset prior's epochs (a _mnist<N> / _digits<N> grid has no row 3 to compare)."""
-    longer_prior = tuple(f"_{name}" for name, _ in table1.OTHER_DATASET_PRIORS.values())
-    return sorted(p for p in results.glob(f"{HOLDOUT}_set-*.json")
-                  if not re.sub(r"\d+$", "", p.stem).endswith(longer_prior))
+    longer_prior = re.compile(rf"_({'|'.join(name for name, _ in table1.OTHER_DATASET_PRIORS.values())})\d+$")
+    return sorted(p for p in results.glob(f"{HOLDOUT}_set-*.json") if not longer_prior.search(p.stem))
 
 
 def sources(results: Path) -> list[str]:
