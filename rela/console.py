@@ -37,6 +37,12 @@ NOT_APPLICABLE = (
      "a batch whose every image failed to decode (--skip-bad-images) is skipped on purpose"),
     (r".*resuming from a checkpoint that ended before the epoch ended",
      "handled: the subset sampler's position rides in the checkpoint (rela_sampler)"),
+    (r".*Experiment logs directory .* exists and is not empty",
+     "only a resumed run gets here, and rela moved its earlier metrics.csv to metrics.N.csv first "
+     "(train._keep_previous_log): nothing is deleted"),
+    (r".*Checkpoint directory .* exists and is not empty",
+     "only a resumed run gets here (a new run into a folder with checkpoints stops first): it continues "
+     "its own last.ckpt"),
 )
 
 # Third-party warnings that do apply, said in rela's terms (its flags) instead of the library's API.

@@ -46,6 +46,20 @@ def test_cli_stderr_holds_one_line_messages_only(tmp_path):
     assert len(skipped) == 1 and str(root / "c0" / "3.png") in skipped[0], err
 
 
+def test_a_resumed_run_says_nothing_of_deleted_logs(tmp_path):
+    # Lightning warns that the logs folder's files "will be deleted"; rela keeps them (metrics.1.csv)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    common = [sys.executable, "-m", "rela", "train", *TINY, "--probe-every", "0", "--log-every", "1",
+              "--out", str(out), "--cache-dir", str(cache)]
+    first = subprocess.run([*common, "--epochs", "1"], capture_output=True, text=True, timeout=300, check=False)
+    assert first.returncode == 0, first.stderr
+    resumed = subprocess.run([*common, "--epochs", "2", "--resume"], capture_output=True, text=True, timeout=300,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "exists and is not empty" not in resumed.stderr, resumed.stderr
+    assert (out / "logs" / "metrics.1.csv").read_text().startswith("epoch,")  # the first part's log, kept
+
+
 def test_no_process_wide_filter_is_left_behind(tmp_path, capsys):
     before, show = list(warnings.filters), warnings.showwarning
     run_ok(["train", *TINY, "--epochs", "1", "--probe-every", "0", "--out", str(tmp_path / "cli"),
