@@ -161,6 +161,9 @@ class Grid:
         # the same grid and --set with every other-dataset prior at its default epochs
         self.same_recipe_results = args.results / f"table1_e{args.full_epochs}{suffix}.json"
         self.changed_prior_rows = changed_prior_rows(args)
+        # what a --set grid's report is compared with: the default recipe, with the same priors
+        self.default_recipe_results = self.base_results.with_name(
+            f"{self.base_results.stem}{''.join(self.changed_prior_rows.values())}.json")
         suffix += "".join(self.changed_prior_rows.values())
         self.name = f"table1_e{args.full_epochs}{suffix}"
         self.results = ResultsFile(args.results / f"{self.name}.json", meta={
@@ -606,16 +609,17 @@ def recipe_comparison(base_runs: list[dict], runs: list[dict], label: str) -> li
              *table_head("cell", "default recipe", label, "change")]
     lines += [f"| {name} | {accuracy(x['runs'])} | {accuracy(y['runs'])} | "
               + " / ".join(f"{d:+.1f}" for d in _points(y, x)) + " |" for name, x, y in cells if x["n"] and y["n"]]
-    lines += ["", "ReLA (row 3) minus each row it is compared with, under each recipe (points, k-NN / linear):", "",
-              *table_head("margin", "default recipe", label, "change")]
+    margins = []
     grew = total = 0
     for b, row, m0, m1 in recipe_margins(before, after, budgets):
         change = [y - x for x, y in zip(m0, m1)]
         grew, total = grew + sum(d > 0 for d in change), total + len(change)
-        lines.append(f"| over {dict(RECIPE_MARGINS)[row]}, {b:.0%} | "
-                     + " | ".join(_signed(m) for m in (m0, m1, change)) + " |")
-    if total:
-        lines += ["", f"{grew} of {total} margins grew under {label}: "
+        margins.append(f"| over {dict(RECIPE_MARGINS)[row]}, {b:.0%} | "
+                       + " | ".join(_signed(m) for m in (m0, m1, change)) + " |")
+    if total:  # none where row 3 did not run under both recipes (a grid of another row)
+        lines += ["", "ReLA (row 3) minus each row it is compared with, under each recipe (points, k-NN / linear):",
+                  "", *table_head("margin", "default recipe", label, "change"), *margins,
+                  "", f"{grew} of {total} margins grew under {label}: "
                   + ("it helps ReLA more than the rows it is compared with." if grew == total else
                      "it does not help ReLA more than the rows it is compared with on every budget and metric.")]
     return lines
@@ -646,9 +650,9 @@ def write_table(grid: Grid) -> None:
              *table_head("row", *(f"{b:.0%} budget" for b in budgets)), *cost_rows(summary, budgets),
              *notes(grid, summary),
              "", "## Headline (computed)", "", *[f"- {h}" for h in headline(summary, budgets)]]
-    if args.overrides and grid.base_results.is_file():
-        lines += ["", f"## Against the default recipe ({grid.base_results.name})", "",
-                  *recipe_comparison(load_json(grid.base_results)["runs"], grid.results.runs, recipe_label(args.overrides))]
+    if args.overrides and (default := grid.default_recipe_results).is_file():
+        lines += ["", f"## Against the default recipe ({default.name})", "",
+                  *recipe_comparison(load_json(default)["runs"], grid.results.runs, recipe_label(args.overrides))]
     write_report(lines, grid.results.path.with_suffix(".md"))
     plot_cost(grid, summary)
     plot_byol_curve(grid)

@@ -287,6 +287,11 @@ def test_a_recipe_is_compared_cell_by_cell_and_by_relas_margins_over_its_referen
     lines = table1.recipe_comparison(base + seed1, tuned + partial, "x")
     assert "| 3. ReLA, random-init prior (same arch), 20% | 81.0 / 87.0 | 83.0 / 88.0 | +2.0 / +1.0 |" in lines
     assert "| BYOL-full (100%) | 80.5 ± 3.5 / 88.0 ± 0.0 | 84.0 ± 0.0 / 88.0 ± 0.0 | +3.5 / +0.0 |" in lines
+    # a grid of another row than row 3 (row 5b's longer prior): its cells, and no empty margin table
+    mnist = [*base[:2], run("rela-mnist", 0.1, 0.81, 0.87)], [*tuned[:2], run("rela-mnist", 0.1, 0.82, 0.875)]
+    lines = table1.recipe_comparison(*mnist, "x")
+    assert "| 5b. ReLA, BYOL prior from MNIST, 10% | 81.0 / 87.0 | 82.0 / 87.5 | +1.0 / +0.5 |" in lines
+    assert not any("margin" in line for line in lines), lines
 
 
 @needs_fmnist
@@ -357,6 +362,11 @@ def test_set_of_prior_only_fields_takes_the_baselines_from_the_default_recipes_g
                                           "--mnist-epochs", "3", "--set", "target_variance=0.5",
                                           "--results", str(tmp_path / "res")]))
     assert both.name == "table1_e1_val128_set-target_variance0.5_mnist3"
+    # its report is compared with the default recipe run with the same MNIST prior (--mnist-epochs 3)
+    assert both.default_recipe_results == tmp_path / "res" / "table1_e1_val128_mnist3.json"
+    assert table1.Grid(table1.parse_args(["--full-epochs", "1", "--holdout", "128", "--set", "warmup=0",
+                                          "--results", str(tmp_path / "res")])).default_recipe_results == \
+        tmp_path / "res" / "table1_e1_val128.json"
     knobbed = {r["row"]: r for r in data["runs"]}
     rela_cfg = both.base(prior="random", ratio=0.5, epochs=1, seed=0, out=both.out("rela-random-same-b0.5-s0"))
     for row, row_cfg in (("rela-random-same", rela_cfg), ("byol-subset", cfg)):
