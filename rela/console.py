@@ -38,8 +38,8 @@ NOT_APPLICABLE = (
     (r".*resuming from a checkpoint that ended before the epoch ended",
      "handled: the subset sampler's position rides in the checkpoint (rela_sampler)"),
     (r".*Experiment logs directory .* exists and is not empty",
-     "only a resumed run gets here, and rela moved its earlier metrics.csv to metrics.N.csv first "
-     "(train._keep_previous_log): nothing is deleted"),
+     "a run into a folder an earlier run wrote (a resume, or a retry of one killed before its first "
+     "checkpoint): rela moved the earlier metrics.csv to metrics.N.csv first (train._keep_previous_log)"),
     (r".*Checkpoint directory .* exists and is not empty",
      "only a resumed run gets here (a new run into a folder with checkpoints stops first): it continues "
      "its own last.ckpt"),
