@@ -161,10 +161,10 @@ class Grid:
         # the same grid and --set with every other-dataset prior at its default epochs
         self.same_recipe_results = args.results / f"table1_e{args.full_epochs}{suffix}.json"
         self.changed_prior_rows = changed_prior_rows(args)
+        prior_suffix = "".join(self.changed_prior_rows.values())
         # what a --set grid's report is compared with: the default recipe, with the same priors
-        self.default_recipe_results = self.base_results.with_name(
-            f"{self.base_results.stem}{''.join(self.changed_prior_rows.values())}.json")
-        suffix += "".join(self.changed_prior_rows.values())
+        self.default_recipe_results = self.base_results.with_name(f"{self.base_results.stem}{prior_suffix}.json")
+        suffix += prior_suffix
         self.name = f"table1_e{args.full_epochs}{suffix}"
         self.results = ResultsFile(args.results / f"{self.name}.json", meta={
             "full_epochs": args.full_epochs, "backbone": args.backbone, "batch_size": args.batch_size,
